@@ -11,8 +11,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
+from jaxloss._softmax_stats import softmax_statistics
 from jaxloss._reduce import AxisName, SumCount, check_mask, check_reduction, compute_dtype, reduce_loss
 from jaxloss._validation import (
     as_float_array,
@@ -163,25 +165,23 @@ def _class_id_losses(
         check_class_ids(targets, num_classes, counted)
     in_range = (targets >= 0) & (targets < num_classes)
     safe_targets = jnp.where(counted & in_range, targets, 0)
-    # Skipped rows are zeroed before any arithmetic so NaN / inf logits there cannot leak
-    # into the value or the gradient (a product with a 0 mask would give NaN).
-    x = jnp.where(counted[..., None], x.astype(dtype), jnp.zeros((), dtype))
-    lse = jax.nn.logsumexp(x, axis=-1)
-    nll = lse - _take_class(x, safe_targets)
-    target_weight = jnp.ones_like(nll) if weight is None else weight.astype(dtype)[safe_targets]
-    loss = nll * target_weight
-    if not _is_static_zero(label_smoothing):
+    smoothing = not _is_static_zero(label_smoothing)
+    class_weight = jnp.ones((num_classes,), dtype) if weight is None else weight.astype(dtype)
+    # Skipped rows read as zero logits inside the kernel, so NaN / inf there cannot leak into
+    # the value or the gradient (a product with a 0 mask would give NaN).
+    lse, picked, weighted_sum = softmax_statistics(x, safe_targets, counted, class_weight, smoothing)
+    target_weight = jnp.ones_like(lse) if weight is None else class_weight[safe_targets]
+    loss = (lse - picked) * target_weight
+    if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
-        per_class = lse[..., None] - x
-        if weight is not None:
-            per_class = per_class * jnp.broadcast_to(weight.astype(dtype), per_class.shape)
-        smooth = jnp.sum(per_class, axis=-1)
+        smooth = lse * jnp.sum(class_weight) - weighted_sum  # sum_c w_c (lse - x_c)
         loss = (1 - eps) * loss + eps / num_classes * smooth
     if not _is_static_zero(z_loss):
         loss = loss + jnp.asarray(z_loss, dtype) * target_weight * jnp.square(lse)
     nan = jnp.full((), jnp.nan, dtype)
-    loss = jnp.where(counted, jnp.where(in_range, loss, nan), jnp.zeros((), dtype))
-    normalizer = jnp.where(counted, target_weight, jnp.zeros((), dtype))
+    zero = jnp.zeros((), dtype)
+    loss = jnp.where(counted, jnp.where(in_range, loss, nan), zero)
+    normalizer = jnp.where(counted, target_weight, zero)
     return loss, normalizer
 
 
@@ -198,19 +198,15 @@ def _soft_target_losses(
     weight = check_class_weight(weight, num_classes)
     where = check_mask(where, x.shape[:-1])
     counted = jnp.ones(x.shape[:-1], jnp.bool_) if where is None else where
-    x = jnp.where(counted[..., None], x.astype(dtype), jnp.zeros((), dtype))
-    p = probs.astype(dtype)
+    p = jnp.where(counted[..., None], probs.astype(dtype), jnp.zeros((), dtype))
     if not _is_static_zero(label_smoothing):
         eps = jnp.asarray(label_smoothing, dtype)
         p = (1 - eps) * p + eps / num_classes
-    lse = jax.nn.logsumexp(x, axis=-1)
-    log_probs = x - lse[..., None]
-    # 0 * log(0) = 0: a class of probability 0 contributes nothing, even at a -inf logit.
-    safe_log_probs = jnp.where(p == 0, jnp.zeros((), dtype), log_probs)
-    per_class = p * safe_log_probs
-    if weight is not None:
-        per_class = per_class * jnp.broadcast_to(weight.astype(dtype), per_class.shape)
-    loss = -jnp.sum(per_class, axis=-1)
+    coefficients = p if weight is None else p * jnp.broadcast_to(weight.astype(dtype), p.shape)
+    no_targets = jnp.zeros(x.shape[:-1], jnp.int32)
+    # -sum_c a_c log_softmax_c = lse sum_c a_c - sum_c a_c x_c, with a = w p and 0 * -inf = 0.
+    lse, _, weighted_sum = softmax_statistics(x, no_targets, counted, coefficients, True)
+    loss = lse * jnp.sum(coefficients, axis=-1) - weighted_sum
     if not _is_static_zero(z_loss):
         loss = loss + jnp.asarray(z_loss, dtype) * jnp.square(lse)
     loss = jnp.where(counted, loss, jnp.zeros((), dtype))
@@ -218,7 +214,7 @@ def _soft_target_losses(
 
 
 def _is_static_zero(value: float | Array) -> bool:
-    return not isinstance(value, jax.core.Tracer) and float(jnp.asarray(value)) == 0.0
+    return not isinstance(value, jax.core.Tracer) and float(np.asarray(value)) == 0.0
 
 
 def nll_loss(

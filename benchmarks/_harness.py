@@ -1,0 +1,105 @@
+"""Shared benchmark plumbing: timing, allocator variants run side by side, tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# glibc's malloc returns large freed blocks to the OS and faults fresh pages in on every
+# allocation; with transparent huge pages for malloc, filling a fresh buffer costs about half.
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "default": {},
+    "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+}
+
+
+def time_call(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> float:
+    """The fastest of ``repeats`` wall-clock timings of ``fn()`` in seconds (after ``warmup`` calls).
+
+    ``fn`` must block until its work is done (``jax.block_until_ready`` inside).
+    """
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import jax
+
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def run_per_allocator(module: str, args: Sequence[str], allocators: Sequence[str]) -> dict[str, Any]:
+    """Runs ``python -m module --worker ARGS`` once per allocator setting; returns their JSON outputs."""
+    results = {}
+    for name in allocators:
+        env = dict(os.environ)
+        env.pop("GLIBC_TUNABLES", None)
+        env.update(ALLOCATORS[name])
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--worker", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{module} worker ({name} allocator) failed:\n{proc.stderr[-4000:]}")
+        sys.stderr.write(proc.stderr)
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with right-aligned numeric columns."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for row in cells:
+        out.append("  ".join(c.rjust(w) if _is_number(c) else c.ljust(w) for c, w in zip(row, widths)))
+    return "\n".join(out)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.rstrip("x"))
+        return True
+    except ValueError:
+        return False
+
+
+def save_json(name: str, payload: dict[str, Any], path: str | None = None) -> Path:
+    """Writes ``payload`` (plus machine info) to ``path`` or ``benchmarks/results/<name>.json``."""
+    target = Path(path) if path else RESULTS_DIR / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": machine_info(), **payload}
+    target.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return target

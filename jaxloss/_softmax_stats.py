@@ -1,0 +1,131 @@
+r"""Per-row softmax statistics with a one-pass gradient: the kernel under every cross-entropy.
+
+For logits ``x`` of shape ``(..., C)``, :func:`softmax_statistics` returns per row
+
+.. math::
+    \mathrm{lse} = \log \sum_c e^{x_c}, \qquad
+    \mathrm{picked} = x_{t}, \qquad
+    \mathrm{dot} = \sum_c a_c\, x_c
+
+for class ids ``t`` and coefficients ``a`` (class weights, or class probabilities times
+weights), with ``0 * x = 0`` even where ``x = -inf``. Rows whose ``keep`` is False get a zero
+gradient whatever their logits hold (NaN or inf included); their statistics are
+meaningless and callers must mask them out of the loss with ``jnp.where``.
+
+Its derivative is defined once, in forward mode (``jax.custom_jvp``):
+
+.. math::
+    d\,\mathrm{lse} = \sum_c \mathrm{softmax}(x)_c\, dx_c, \quad
+    d\,\mathrm{picked} = dx_t, \quad
+    d\,\mathrm{dot} = \sum_c a_c\, dx_c + x_c\, da_c
+
+JAX transposes it for reverse mode into one element-wise expression,
+``softmax(x) g_lse + [c = t] g_picked + a g_dot``, which XLA fuses into a single pass that
+writes the logits' gradient, in the logits' dtype, without materializing a float32 copy, the
+softmax or a one-hot matrix. Automatic differentiation of the plain formula instead keeps
+the softmax and a scattered one-hot as separate full-size buffers (five passes instead of
+one on XLA:CPU).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.custom_derivatives import SymbolicZero
+
+
+def _f32(x: Array) -> Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _kept(x: Array, keep: Array) -> Array:
+    """``x`` in its compute dtype, with dropped rows set to 0."""
+    x = _f32(x)
+    return jnp.where(keep[..., None], x, jnp.zeros((), x.dtype))
+
+
+def _logsumexp(logits: Array) -> Array:
+    # The maximum is exact in any precision: taking it before the cast lets XLA read 16-bit
+    # logits twice instead of materializing a float32 copy.
+    peak = _f32(jnp.max(logits, axis=-1, keepdims=True))
+    peak = jnp.where(jnp.isfinite(peak), peak, jnp.zeros((), peak.dtype))
+    return jnp.log(jnp.sum(jnp.exp(_f32(logits) - peak), axis=-1)) + peak[..., 0]
+
+
+def _pick(x: Array, targets: Array) -> Array:
+    return jnp.take_along_axis(x, targets[..., None], axis=-1, mode="clip")[..., 0]
+
+
+def _safe_product(a: Array, x: Array) -> Array:
+    """``a * x`` with ``0 * anything = 0`` (so ``0 * -inf`` is 0, not NaN)."""
+    return jnp.where(a == 0, jnp.zeros((), x.dtype), a * x)
+
+
+def _class_mask(x: Array, targets: Array) -> Array:
+    classes = jax.lax.broadcasted_iota(targets.dtype, x.shape, x.ndim - 1)
+    return classes == targets[..., None]
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(4,))
+def softmax_statistics(
+    logits: Array,
+    targets: Array,
+    keep: Array,
+    coefficients: Array,
+    with_dot: bool,
+) -> tuple[Array, Array, Array]:
+    """``(lse, picked, dot)`` per row of ``logits`` (see the module docstring).
+
+    Args:
+      logits: ``(..., C)`` floats of any precision; computed in at least float32.
+      targets: ``(...)`` class ids in ``[0, C)`` (callers clamp invalid ones).
+      keep: ``(...)`` booleans; False rows get a zero gradient.
+      coefficients: ``a``, broadcastable to ``logits`` (``(C,)`` or ``(..., C)``), float.
+      with_dot: whether to compute ``dot`` (otherwise it is 0).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lse, picked, dot = softmax_statistics(
+      ...     jnp.array([[0.0, 0.0]]), jnp.array([1]), jnp.array([True]), jnp.ones(2), True)
+      >>> round(float(lse[0]), 4), float(picked[0]), float(dot[0])
+      (0.6931, 0.0, 0.0)
+    """
+    lse = _logsumexp(logits)
+    picked = _f32(_pick(logits, targets))  # gathered before the cast: no float32 copy
+    if with_dot:
+        dot = jnp.sum(_safe_product(_f32(coefficients), _f32(logits)), axis=-1)
+    else:
+        dot = jnp.zeros_like(lse)
+    return lse, picked, dot
+
+
+def _softmax_statistics_jvp(
+    with_dot: bool,
+    primals: tuple[Array, Array, Array, Array],
+    tangents: tuple[Array, Array, Array, Array],
+) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
+    logits, targets, keep, coefficients = primals
+    d_logits, _, _, d_coefficients = tangents
+    lse, picked, dot = softmax_statistics(logits, targets, keep, coefficients, with_dot)
+    x = _f32(logits)
+    zero = jnp.zeros((), x.dtype)
+    d_lse = jnp.zeros_like(lse)
+    d_picked = jnp.zeros_like(lse)
+    d_dot = jnp.zeros_like(lse)
+    if not isinstance(d_logits, SymbolicZero):
+        dx = _kept(d_logits, keep)
+        d_lse = jnp.sum(jnp.exp(x - lse[..., None]) * dx, axis=-1)
+        d_picked = jnp.sum(jnp.where(_class_mask(x, targets), dx, zero), axis=-1)
+        if with_dot:
+            a = jnp.broadcast_to(_f32(coefficients), x.shape)
+            d_dot = jnp.sum(_safe_product(a, dx), axis=-1)
+    if with_dot and not isinstance(d_coefficients, SymbolicZero):
+        da = jnp.where(keep[..., None], jnp.broadcast_to(_f32(d_coefficients), x.shape), zero)
+        d_dot = d_dot + jnp.sum(jnp.where(jnp.isfinite(x), x, zero) * da, axis=-1)
+    return (lse, picked, dot), (d_lse, d_picked, d_dot)
+
+
+softmax_statistics.defjvp(_softmax_statistics_jvp, symbolic_zeros=True)
