@@ -96,7 +96,7 @@ def softmax_statistics(
     lse = _logsumexp(logits)
     picked = _f32(_pick(logits, targets))  # gathered before the cast: no float32 copy
     if with_dot:
-        dot = jnp.sum(_safe_product(_f32(coefficients), _f32(logits)), axis=-1)
+        dot = jnp.sum(_safe_product(jnp.broadcast_to(_f32(coefficients), logits.shape), _f32(logits)), axis=-1)
     else:
         dot = jnp.zeros_like(lse)
     return lse, picked, dot

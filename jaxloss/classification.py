@@ -169,7 +169,8 @@ def _class_id_losses(
     class_weight = jnp.ones((num_classes,), dtype) if weight is None else weight.astype(dtype)
     # Skipped rows read as zero logits inside the kernel, so NaN / inf there cannot leak into
     # the value or the gradient (a product with a 0 mask would give NaN).
-    lse, picked, weighted_sum = softmax_statistics(x, safe_targets, counted, class_weight, smoothing)
+    coefficients = jnp.broadcast_to(class_weight, x.shape)  # explicit: no implicit rank promotion
+    lse, picked, weighted_sum = softmax_statistics(x, safe_targets, counted, coefficients, smoothing)
     target_weight = jnp.ones_like(lse) if weight is None else class_weight[safe_targets]
     loss = (lse - picked) * target_weight
     if smoothing:

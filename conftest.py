@@ -1,4 +1,5 @@
-"""Test settings: 4 simulated CPU devices, strict dtype and rank promotion, float32 matmuls."""
+"""Test settings for tests/ and the doctests: 4 simulated CPU devices, strict dtype and rank
+promotion, float32-exact matmuls."""
 
 import os
 
