@@ -1,0 +1,264 @@
+"""Batches of padded numpy arrays: length buckets, a seeded order that can be resumed
+exactly, and the rows of one process for multi-host training.
+
+Each feature (a dict from :mod:`train.data.tokenization`) goes to the bucket of its
+padded length ``P = ceil(L / pad_to_multiple) * pad_to_multiple`` (``L``: its longest
+sequence field), so a batch holds examples of similar length and every array of a
+bucket has one shape: the compiled step is reused across batches of a bucket.
+
+A batch is a dict of arrays with leading axis ``batch_size`` (or ``batch_size /
+process_count`` per process):
+
+==================== ==================================================================
+sequence fields      ``int32 [B, P]``, padded with ``pad_values[name]``: ``input_ids``
+                     with ``pad_id``, ``labels`` with -100, other fields with 0
+scalar fields        ``int32 [B]`` (class labels, padded with -100) or ``float32 [B]``
+                     (regression targets, padded with 0.0)
+``example_mask``     ``bool [B]``: False for the filler rows of a last, partial batch
+``example_index``    ``int32 [B]``: index of each row's feature (-1 for filler rows)
+==================== ==================================================================
+
+The order of an epoch is a pure function of ``(seed, epoch)`` and the lengths, so the
+position ``(epoch, index)`` alone restores a run: :meth:`Batcher.state` /
+:meth:`Batcher.restore`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from train.data.tokenization import IGNORE_INDEX, Feature
+
+_SEQ_PAD_DEFAULTS = {"labels": IGNORE_INDEX, "attention_mask": 0, "token_type_ids": 0}
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], process_index: int,
+                process_count: int) -> dict[str, np.ndarray]:
+    """The rows of a global batch that belong to process ``process_index`` of
+    ``process_count``: the ``process_index``-th of ``process_count`` equal slices.
+
+    Example:
+      >>> b = {"x": np.arange(8)}
+      >>> shard_batch(b, 1, 4)["x"].tolist()
+      [2, 3]
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+    out = {}
+    for name, arr in batch.items():
+        n = arr.shape[0]
+        if n % process_count:
+            raise ValueError(f"batch field {name!r} has {n} rows, not divisible by "
+                             f"process_count={process_count}")
+        k = n // process_count
+        out[name] = arr[process_index * k:(process_index + 1) * k]
+    return out
+
+
+class Batcher:
+    """Length-bucketed, seeded, resumable batches of padded numpy arrays.
+
+    Args:
+      features: one dict per example; list values are sequence fields, int / float
+        values scalar fields. All features need the same keys.
+      batch_size: rows of a global batch (over all processes).
+      pad_id: the padding token id for ``input_ids`` (and ``decoder_input_ids``).
+      shuffle: shuffle within buckets and the order of batches, seeded by
+        ``(seed, epoch)``; without it, batches come bucket by bucket in input order.
+      pad_to_multiple: padded lengths are multiples of this (fewer distinct shapes).
+      max_length: no padded length exceeds it; a longer feature is an error.
+      drop_remainder: drop each bucket's last partial batch (its examples change with
+        the shuffle each epoch; ``dropped_per_epoch`` counts them), instead of filling
+        it with rows whose ``example_mask`` is False.
+      pad_values: padding per field name, over the defaults above.
+      process_index, process_count: produce only this process's rows of each global
+        batch (:func:`shard_batch`); every process computes the same global order.
+
+    Example:
+      >>> feats = [{"input_ids": [5] * n, "labels": n % 2} for n in (3, 20, 4, 18, 5)]
+      >>> b = Batcher(feats, 2, pad_id=0, shuffle=False)
+      >>> [(x["input_ids"].shape, x["example_mask"].tolist()) for x in b.epoch_batches(0)]
+      [((2, 16), [True, True]), ((2, 16), [True, False]), ((2, 32), [True, True])]
+    """
+
+    def __init__(
+        self,
+        features: Sequence[Feature],
+        batch_size: int,
+        *,
+        pad_id: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        pad_to_multiple: int = 16,
+        max_length: int | None = None,
+        drop_remainder: bool = False,
+        pad_values: Mapping[str, int | float] | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple must be positive, got {pad_to_multiple}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+        if batch_size % process_count:
+            raise ValueError(f"batch_size={batch_size} is not divisible by "
+                             f"process_count={process_count}")
+        if not features:
+            raise ValueError("features is empty")
+        self.features = features
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_remainder = drop_remainder
+        self.process_index = process_index
+        self.process_count = process_count
+        self._fields = self._check_fields(features)
+        self._pad = {**_SEQ_PAD_DEFAULTS, "input_ids": pad_id, "decoder_input_ids": pad_id,
+                     **(pad_values or {})}
+
+        padded = np.empty(len(features), dtype=np.int64)
+        for i, f in enumerate(features):
+            n = max(len(f[k]) for k, (is_seq, _) in self._fields.items() if is_seq) \
+                if any(s for s, _ in self._fields.values()) else 0
+            p = max(1, math.ceil(n / pad_to_multiple)) * pad_to_multiple
+            if max_length is not None:
+                if n > max_length:
+                    raise ValueError(f"feature {i} has length {n} > max_length={max_length}")
+                p = min(p, max_length)
+            padded[i] = p
+        self._padded = padded
+        self._buckets = {int(p): np.flatnonzero(padded == p) for p in np.unique(padded)}
+        self.dropped_per_epoch = (sum(len(ix) % batch_size for ix in self._buckets.values())
+                                  if drop_remainder else 0)
+        full = sum(len(ix) // batch_size for ix in self._buckets.values())
+        partial = sum(bool(len(ix) % batch_size) for ix in self._buckets.values())
+        self.batches_per_epoch = full + (0 if drop_remainder else partial)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"no full batch of {batch_size} in {len(features)} features "
+                             f"with drop_remainder=True")
+        self.epoch = 0
+        self.index = 0
+        self._plan_cache: tuple[int, list[np.ndarray]] | None = None
+
+    @staticmethod
+    def _check_fields(features: Sequence[Feature]) -> dict[str, tuple[bool, Any]]:
+        """name -> (is_sequence, numpy dtype), checked to agree over all features."""
+        first = features[0]
+        fields: dict[str, tuple[bool, Any]] = {}
+        for name, v in first.items():
+            is_seq = isinstance(v, (list, tuple, np.ndarray))
+            fields[name] = (is_seq, np.int32)
+        for i, f in enumerate(features):
+            if f.keys() != first.keys():
+                raise ValueError(f"feature {i} has fields {sorted(f)}, feature 0 has {sorted(first)}")
+            for name, v in f.items():
+                is_seq = isinstance(v, (list, tuple, np.ndarray))
+                if is_seq != fields[name][0]:
+                    raise ValueError(f"field {name!r} is a sequence in some features and a "
+                                     f"scalar in others (feature {i})")
+                vals = v if is_seq else (v,)
+                for x in vals:
+                    if isinstance(x, (float, np.floating)):
+                        fields[name] = (is_seq, np.float32)
+                        break
+                    if not isinstance(x, (int, np.integer)):
+                        raise ValueError(f"field {name!r} of feature {i} holds {type(x).__name__}")
+        return fields
+
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        """The global batches of ``epoch``: arrays of feature indices (a partial batch is
+        shorter than ``batch_size``). Deterministic in ``(seed, epoch)``."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        plan: list[np.ndarray] = []
+        for p in sorted(self._buckets):
+            ix = self._buckets[p]
+            if rng is not None:
+                ix = rng.permutation(ix)
+            for s in range(0, len(ix), self.batch_size):
+                chunk = ix[s:s + self.batch_size]
+                if len(chunk) < self.batch_size and self.drop_remainder:
+                    continue
+                plan.append(chunk)
+        if rng is not None:
+            order = rng.permutation(len(plan))
+            plan = [plan[k] for k in order]
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    def make_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Pad the features at ``indices`` into this process's rows of one global batch."""
+        seq_fields = [k for k, (s, _) in self._fields.items() if s]
+        length = int(self._padded[int(indices[0])]) if seq_fields else 0
+        rows = np.full(self.batch_size, -1, dtype=np.int64)
+        rows[:len(indices)] = indices
+        k = self.batch_size // self.process_count
+        rows = rows[self.process_index * k:(self.process_index + 1) * k]
+        batch: dict[str, np.ndarray] = {}
+        for name, (is_seq, dtype) in self._fields.items():
+            if is_seq:
+                pad = self._pad.get(name, 0)
+                arr = np.full((len(rows), length), pad, dtype=dtype)
+                for r, i in enumerate(rows):
+                    if i >= 0:
+                        v = self.features[i][name]
+                        arr[r, :len(v)] = v
+            else:
+                pad = self._pad.get(name, IGNORE_INDEX if dtype == np.int32 else 0.0)
+                arr = np.full(len(rows), pad, dtype=dtype)
+                for r, i in enumerate(rows):
+                    if i >= 0:
+                        arr[r] = self.features[i][name]
+            batch[name] = arr
+        batch["example_mask"] = rows >= 0
+        batch["example_index"] = rows.astype(np.int32)
+        return batch
+
+    def epoch_batches(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """All batches of one epoch, without moving the position (for evaluation)."""
+        for indices in self.epoch_plan(epoch):
+            yield self.make_batch(indices)
+
+    # -- the resumable stream ---------------------------------------------------------
+
+    def __iter__(self) -> "Batcher":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        """The batch at the current position; the position then points at the next one
+        (``state()`` taken after a step resumes with the batch after that step's)."""
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        indices = self.epoch_plan(self.epoch)[self.index]
+        self.index += 1
+        return self.make_batch(indices)
+
+    def state(self) -> dict[str, int]:
+        """The position ``(epoch, index)`` of the next batch, plus what must match on
+        restore (seed, number of features, batch size); plain ints, for a checkpoint."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "num_features": len(self.features), "batch_size": self.batch_size}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        """Continue from a position saved by :meth:`state` with the same data."""
+        for key, mine in (("seed", self.seed), ("num_features", len(self.features)),
+                          ("batch_size", self.batch_size)):
+            if int(state[key]) != mine:
+                raise ValueError(f"cannot restore: saved {key}={int(state[key])}, this "
+                                 f"Batcher has {key}={mine}")
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= self.batches_per_epoch:
+            raise ValueError(f"invalid position epoch={epoch}, index={index} "
+                             f"({self.batches_per_epoch} batches per epoch)")
+        self.epoch, self.index = epoch, index
+
+    @property
+    def shapes(self) -> list[int]:
+        """The padded lengths of the buckets (one compiled shape each)."""
+        return sorted(self._buckets)
