@@ -1,0 +1,145 @@
+"""The typed configuration of a training run: one dataclass, filled from YAML and the command line.
+
+Every field has a type, a default and a help text; ``train.cli`` turns each field into a
+``--flag`` and a YAML key of the same name (``train_file`` <-> ``--train-file``), with the
+command line overriding the file. The resolved config is written to the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+TASKS = ("classify", "ner", "regress", "lm", "mlm", "seq2seq", "multitask")
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    """One task of a multi-task run (a YAML list entry under ``tasks:``)."""
+
+    name: str = _field("task", "name of the task's head and loss term (e.g. ner, sts, lm)")
+    task: str = _field("classify", "kind of task: classify | ner | regress | lm | mlm")
+    train_file: Optional[str] = _field(None, "training data file")
+    eval_file: Optional[str] = _field(None, "evaluation data file")
+    format: Optional[str] = _field(None, "file format (default: from the extension)")
+    text_column: str = _field("text", "column holding the text")
+    text_pair_column: Optional[str] = _field(None, "column holding the second text of a pair")
+    label_column: str = _field("label", "column holding the label or score")
+    weight: float = _field(1.0, "weight of this task's term in the composite loss")
+    weight_warmup_steps: int = _field(0, "ramp the weight linearly from 0 over this many steps")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run needs. Paths are resolved relative to the working directory."""
+
+    # what to train on
+    task: str = _field("classify", "task: " + " | ".join(TASKS), choices=TASKS)
+    train_file: Optional[str] = _field(None, "training data file (CoNLL, CSV/TSV/JSONL, text, parallel .src/.tgt)")
+    eval_file: Optional[str] = _field(None, "evaluation data file, same format as --train-file")
+    output_dir: str = _field("runs/run", "run folder: config, tokenizer, metrics, checkpoints, final model, plots")
+    format: Optional[str] = _field(None, "data format: conll | csv | tsv | jsonl | text | label-first (default: from the extension)")
+    text_column: str = _field("text", "column holding the text (a name, or a 0-based index for headerless files)")
+    text_pair_column: Optional[str] = _field(None, "column holding the second text of a pair")
+    label_column: str = _field("label", "column holding the label or score")
+    tasks: list = _field([], "multitask only: a list of task entries (YAML), each with name, task, files, columns, weight")
+    balancing: str = _field("static", "multitask loss weights: static | uncertainty (learned, Kendall et al. 2018)", choices=("static", "uncertainty"))
+    # model and tokenizer
+    model: Optional[str] = _field(None, "a local Hugging Face model folder to fine-tune (default: train from scratch)")
+    model_size: str = _field("tiny", "size of a model trained from scratch: tiny | mini | small | base")
+    tokenizer: Optional[str] = _field(None, "a local Hugging Face tokenizer folder (default: the model's, or trained on --train-file)")
+    vocab_size: int = _field(8000, "vocabulary size of a tokenizer trained on the training data")
+    max_length: int = _field(128, "maximum tokens per example (longer ones are truncated and counted)")
+    label_all_subwords: bool = _field(False, "ner: label every subword of a word, not only the first")
+    # optimization
+    max_steps: Optional[int] = _field(None, "stop after this many optimizer steps")
+    epochs: float = _field(3.0, "stop after this many passes over the training data")
+    max_minutes: Optional[float] = _field(None, "wall-clock budget: stop, evaluate and save when it runs out")
+    batch_size: int = _field(32, "examples per optimizer step (split into --grad-accum micro-batches)")
+    grad_accum: int = _field(1, "micro-batches per optimizer step, normalized exactly over all their tokens")
+    learning_rate: float = _field(1e-3, "peak learning rate of AdamW")
+    schedule: str = _field("linear", "decay after warmup: linear | cosine | constant", choices=("linear", "cosine", "constant"))
+    warmup_steps: Optional[int] = _field(None, "warmup steps (default: 6%% of the run)")
+    weight_decay: float = _field(0.01, "AdamW weight decay (not applied to biases, norms)")
+    clip_norm: float = _field(1.0, "clip gradients to this global norm (0: off)")
+    label_smoothing: float = _field(0.0, "label smoothing of classification and seq2seq losses")
+    dtype: str = _field("float32", "compute dtype: float32 | bfloat16 (parameters stay float32)", choices=("float32", "bfloat16"))
+    seed: int = _field(0, "seed of initialization, dropout and data order")
+    # evaluation, logging, saving
+    eval_every: Optional[int] = _field(None, "evaluate every N steps (default: 5 times per run)")
+    log_every: int = _field(10, "log training metrics every N steps")
+    save_every: Optional[int] = _field(None, "save a checkpoint every N steps (default: at each evaluation)")
+    keep_checkpoints: int = _field(2, "checkpoints to keep besides the best")
+    best_metric: Optional[str] = _field(None, "eval metric that selects the best checkpoint (default: the task's main metric)")
+    early_stopping: Optional[int] = _field(None, "stop after this many evaluations without improvement")
+    max_eval_examples: Optional[int] = _field(None, "evaluate on at most this many examples")
+    progress: bool = _field(True, "show a progress bar")
+    # scale-out
+    mesh: str = _field("data=-1", "device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; -1 fills)")
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is not one of {', '.join(TASKS)}")
+        self.tasks = [t if isinstance(t, TaskSpec) else task_spec_from_dict(t) for t in self.tasks]
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def task_spec_from_dict(entry: dict[str, Any]) -> TaskSpec:
+    """A :class:`TaskSpec` from a YAML mapping, naming any unknown key."""
+    known = {f.name for f in dataclasses.fields(TaskSpec)}
+    unknown = set(entry) - known
+    if unknown:
+        raise ValueError(f"task entry {entry.get('name', entry)!r} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return TaskSpec(**entry)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML config file into a dict of ``TrainConfig`` fields (dashes accepted in keys)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of options at the top level")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown options {sorted(unknown)}")
+    # relative paths in a config file are relative to the file's folder
+    base = path.parent
+    for key in ("train_file", "eval_file", "model", "tokenizer"):
+        if isinstance(data.get(key), str):
+            data[key] = _resolve(base, data[key])
+    for entry in data.get("tasks", []) or []:
+        for key in ("train_file", "eval_file"):
+            if isinstance(entry.get(key), str):
+                entry[key] = _resolve(base, entry[key])
+    return data
+
+
+def _resolve(base: Path, value: str) -> str:
+    p = Path(value)
+    return str(p if p.is_absolute() else (base / p))
+
+
+def config_json(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)

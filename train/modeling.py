@@ -1,0 +1,141 @@
+"""Which tokenizer and model a run trains, and how the trained model is written out.
+
+- Tokenizer: ``--tokenizer``, else the ``--model`` folder's, else one trained on the run's
+  training texts (WordPiece for encoders, byte-level BPE for a decoder), saved in the run.
+- Model: ``--model`` (a Hugging Face folder) fine-tuned, else a model built from scratch at
+  ``--model-size``: a BERT encoder with the task's head, a GPT-2 decoder for ``lm``, or one
+  BERT trunk with a head per task for ``multitask``.
+- Output: the trained model in Hugging Face format (a multi-task model: its trunk, which
+  ``transformers.AutoModel`` loads, and its heads in ``heads.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from train import sharding
+from train.config import TrainConfig
+from train.data.tokenization import load_tokenizer, train_tokenizer
+from train.models import BertMultiTask, from_config, load_pretrained, save_pretrained, state_dict
+from train.models.outputs import Runtime
+from train.tasks.base import Task
+
+#: (hidden size, layers, attention heads, MLP size) of models trained from scratch.
+MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (128, 2, 2, 512),
+    "mini": (256, 4, 4, 1024),
+    "small": (512, 4, 8, 2048),
+    "base": (768, 12, 12, 3072),
+}
+
+ENCODER_ARCHITECTURE = {
+    "classify": "BertForSequenceClassification",
+    "regress": "BertForSequenceClassification",
+    "ner": "BertForTokenClassification",
+    "mlm": "BertForMaskedLM",
+}
+
+
+def is_decoder_run(tasks: Sequence[Task]) -> bool:
+    """A run of only causal-LM tasks trains a decoder; anything else an encoder trunk."""
+    return all(t.kind == "lm" for t in tasks) and len(tasks) == 1
+
+
+def build_tokenizer(config: TrainConfig, tasks: Sequence[Task], records: Mapping[str, tuple[Any, Any]], save_dir: Path) -> Any:
+    """The run's tokenizer, saved (again) into ``save_dir`` so the run folder is self-contained."""
+    source = config.tokenizer or config.model
+    if source is None and (save_dir / "tokenizer.json").exists():
+        source = str(save_dir)  # a resumed run keeps its tokenizer
+    if source is not None:
+        tokenizer = load_tokenizer(source)
+    else:
+        texts = [text for t in tasks for text in t.texts(records[t.name][0])]
+        kind = "bpe" if is_decoder_run(tasks) else "wordpiece"
+        tokenizer = train_tokenizer(texts, kind=kind, vocab_size=config.vocab_size, model_max_length=max(512, config.max_length))
+    tokenizer.save_pretrained(str(save_dir))
+    return tokenizer
+
+
+def _encoder_config(config: TrainConfig, vocab_size: int) -> dict[str, Any]:
+    from transformers import BertConfig
+
+    hidden, layers, heads, mlp = _size(config.model_size)
+    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=mlp, max_position_embeddings=max(512, config.max_length)).to_dict()
+
+
+def _decoder_config(config: TrainConfig, vocab_size: int, tokenizer: Any) -> dict[str, Any]:
+    from transformers import GPT2Config
+
+    hidden, layers, heads, _ = _size(config.model_size)
+    return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
+                      n_positions=max(512, config.max_length), bos_token_id=tokenizer.eos_token_id,
+                      eos_token_id=tokenizer.eos_token_id).to_dict()
+
+
+def _size(name: str) -> tuple[int, int, int, int]:
+    if name not in MODEL_SIZES:
+        raise ValueError(f"model_size={name!r} is not one of {', '.join(MODEL_SIZES)}")
+    return MODEL_SIZES[name]
+
+
+def _label_overrides(task: Task) -> dict[str, Any]:
+    if task.kind == "regress":
+        return {"num_labels": 1, "problem_type": "regression"}
+    labels = getattr(task, "labels", None)
+    if not labels:
+        return {}
+    return {"num_labels": len(labels), "id2label": {str(i): l for i, l in enumerate(labels)},
+            "label2id": {l: i for i, l in enumerate(labels)}}
+
+
+def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh: Mesh) -> nnx.Module:
+    """The model to train, its parameters created sharded on ``mesh``."""
+    vocab_size = len(tokenizer)
+    runtime = dict(dtype=config.dtype, seed=config.seed)
+
+    def make() -> nnx.Module:
+        if len(tasks) > 1:
+            cfg = _encoder_config(config, vocab_size)
+            heads = {t.name: t.head() for t in tasks}
+            if config.model:
+                from train.models import load_multitask
+
+                return load_multitask(config.model, heads, dtype=config.dtype, seed=config.seed)
+            return BertMultiTask(cfg, heads, Runtime(config.dtype), rngs=nnx.Rngs(config.seed))
+        task = tasks[0]
+        if config.model:
+            arch = None if task.kind == "lm" else ENCODER_ARCHITECTURE[task.kind]
+            return load_pretrained(config.model, arch, strict=False, **runtime, **_label_overrides(task))
+        if task.kind == "lm":
+            return from_config(_decoder_config(config, vocab_size, tokenizer), "GPT2LMHeadModel", **runtime)
+        return from_config(_encoder_config(config, vocab_size), ENCODER_ARCHITECTURE[task.kind], **runtime,
+                           **_label_overrides(task))
+
+    return sharding.create_sharded(make, mesh)
+
+
+def save_final_model(model: nnx.Module, tasks: Sequence[Task], tokenizer: Any, path: Path) -> None:
+    """Writes the trained model and its tokenizer as a Hugging Face folder."""
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(path))
+    if not isinstance(model, BertMultiTask):
+        save_pretrained(model, path)
+        return
+    from safetensors.numpy import save_file
+
+    tensors = state_dict(model)
+    trunk = {k.removeprefix("bert."): v for k, v in tensors.items() if k.startswith("bert.")}
+    cfg = model.config.to_dict()
+    cfg["architectures"] = ["BertModel"]
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_file({k: np.ascontiguousarray(v) for k, v in trunk.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    heads = {f"{'/'.join(map(str, p))}": np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model.heads, nnx.Param))}
+    save_file({k: np.ascontiguousarray(v) for k, v in heads.items()}, str(path / "heads.safetensors"))
+    (path / "heads.json").write_text(json.dumps({t.name: {"kind": t.head()[0], "num_labels": t.head()[1], **t.state()} for t in tasks}, indent=2))

@@ -1,0 +1,123 @@
+r"""The training step: exact token-weighted gradient accumulation over micro-batches and tasks.
+
+For tasks ``k`` with per-batch loss sums ``S_km`` over micro-batches ``m`` and label counts
+``N_k = sum_m N_km`` (known from the labels before any forward pass), the composite loss is
+
+.. math::
+    L = \sum_k a_k(\text{step}, s) \frac{\sum_m S_{km}}{N_k} + R(s)
+
+with effective weights ``a_k`` and regularizer ``R`` from :class:`jaxloss.CompositeLoss`
+(static, scheduled, or learned log-variances ``s``). Its gradient w.r.t. the model is
+``sum_m grad(sum_k a_k S_km / N_k)``, one backward pass per micro-batch, exact: never a mean
+of micro-batch means. Its gradient w.r.t. ``s`` follows from the summed ``S_k`` alone.
+
+A step whose loss or gradient is not finite changes nothing (parameters and optimizer state
+are kept) and reports ``finite = False``; the loop counts and stops on a run of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax import Array
+
+import jaxloss
+from train.tasks.base import Task
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def forward(model: Any, task: Task, batch: Mapping[str, Array]) -> Any:
+    """The model's output for ``task``'s head on ``batch`` (a shared trunk picks the head by name)."""
+    kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if hasattr(model, "head_kinds"):
+        return model(**kwargs, heads=(task.name,))[task.name]
+    return model(**kwargs)
+
+
+def _micro_batch(batch: Mapping[str, Array], index: int, count: int) -> dict[str, Array]:
+    rows = jax.tree.leaves(batch)[0].shape[0] // count
+    return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
+
+
+def _all_finite(tree: Any) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tasks: Sequence[Task],
+    composite: jaxloss.CompositeLoss,
+    optimizer: optax.GradientTransformation,
+    grad_accum: int,
+    learning_rate: Callable[[Array], Array],
+) -> Callable[..., tuple[Any, Any, Any, dict[str, Array]]]:
+    """A pure function ``(params, log_vars, opt_state, rest, step, batches, key) -> (params, log_vars, opt_state, metrics)``.
+
+    ``batches`` maps each task name to its global batch (arrays with a leading batch axis,
+    split into ``grad_accum`` micro-batches here); ``rest`` is the model's non-parameter
+    state (dropout RNG streams, reseeded from ``key`` and the micro-batch index).
+    """
+    learned = composite.balancing == "uncertainty"
+
+    def train_step(params, log_vars, opt_state, rest, step, batches, key):
+        counts = {t.name: t.count(batches[t.name]) for t in tasks}
+        zero = jnp.zeros((), jnp.float32)
+        plan = composite({n: jaxloss.SumCount(zero, c) for n, c in counts.items()}, step=step,
+                         log_vars=log_vars if learned else None)
+        scale = {n: jax.lax.stop_gradient(jnp.where(counts[n] > 0, plan.weights[n] / jnp.maximum(counts[n], 1.0), zero))
+                 for n in counts}
+
+        def micro_loss(p, micro, micro_key):
+            model = nnx.merge(graphdef, p, rest, copy=True)
+            nnx.reseed(model, dropout=micro_key)
+            sums = {t.name: t.loss(forward(model, t, micro[t.name]), micro[t.name]).total for t in tasks}
+            return sum(scale[n] * s for n, s in sums.items()), sums
+
+        grads = jax.tree.map(jnp.zeros_like, params)
+        sums = {t.name: zero for t in tasks}
+        for m in range(grad_accum):
+            micro = {n: _micro_batch(b, m, grad_accum) for n, b in batches.items()}
+            (_, micro_sums), g = jax.value_and_grad(micro_loss, has_aux=True)(params, micro, jax.random.fold_in(key, m))
+            grads = jax.tree.map(jnp.add, grads, g)
+            sums = {n: sums[n] + micro_sums[n] for n in sums}
+
+        def composite_total(lv):
+            pairs = {n: jaxloss.SumCount(sums[n], counts[n]) for n in sums}
+            out = composite(pairs, step=step, log_vars=lv if learned else None)
+            return out.total, out
+
+        (total, out), log_var_grads = jax.value_and_grad(composite_total, has_aux=True)(log_vars)
+        all_grads = (grads, log_var_grads)
+        finite = jnp.isfinite(total) & _all_finite(all_grads)
+        updates, new_opt_state = optimizer.update(all_grads, opt_state, (params, log_vars))
+        new_params, new_log_vars = optax.apply_updates((params, log_vars), updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        metrics = {
+            "train/loss": total,
+            "train/grad_norm": optax.global_norm(grads),
+            "train/learning_rate": learning_rate(step),
+            "train/finite": finite,
+            **{f"train/{n}": out.unweighted[n] for n in sums},
+            **{f"train/{n}_weighted": out.weighted[n] for n in sums},
+            **{f"train/{n}_weight": out.weights[n] for n in sums},
+            **{f"train/{n}_count": counts[n] for n in sums},
+        }
+        return keep(new_params, params), keep(new_log_vars, log_vars), keep(new_opt_state, opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, task: Task) -> Callable[..., dict[str, Array]]:
+    """A pure function ``(params, rest, batch) -> predictions`` for one task, in eval mode."""
+
+    def eval_step(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        return task.predict(forward(model, task, batch), batch)
+
+    return eval_step

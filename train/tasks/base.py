@@ -1,0 +1,119 @@
+"""What every task is: how its data is read and encoded, which head it needs, its loss term and metrics.
+
+A task's loss returns a :class:`jaxloss.SumCount`: the unnormalized sum over the batch and
+the count it is normalized by. The training step normalizes by the count of the whole
+optimizer step (every micro-batch, every device), which :meth:`Task.count` computes from
+the labels alone, before any forward pass.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+import jaxloss
+from train.data.tokenization import IGNORE_INDEX
+
+Batch = Mapping[str, Array]
+
+
+def infer_format(path: str | None, explicit: str | None, default: str) -> str:
+    """The data format: ``explicit`` if given, else from the file extension, else ``default``."""
+    if explicit:
+        return explicit.replace("-", "_")
+    if path is None:
+        return default
+    name = Path(path).name.lower().removesuffix(".gz")
+    for ext, fmt in ((".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl")):
+        if name.endswith(ext):
+            return fmt
+    return default
+
+
+def column(value: str | None) -> str | int | None:
+    """A column given on the command line: an integer string selects by 0-based index."""
+    if value is None:
+        return None
+    return int(value) if str(value).lstrip("-").isdigit() else value
+
+
+@dataclasses.dataclass
+class Task(abc.ABC):
+    """One task: its name is its head's name and its loss term's name."""
+
+    name: str  # head and loss-term name
+    train_file: str | None
+    eval_file: str | None
+    format: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_length: int = 128
+    label_smoothing: float = 0.0
+
+    kind: str = dataclasses.field(init=False, default="")  # classify | ner | regress | lm | mlm
+    term_kind: str = dataclasses.field(init=False, default="classification")  # for uncertainty balancing
+    main_metric: str = dataclasses.field(init=False, default="")  # eval metric that picks the best model
+    greater_is_better: bool = dataclasses.field(init=False, default=True)
+
+    # -- data ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def read(self, path: str) -> Sequence[Any]:
+        """The records of a data file (each with its source and line)."""
+
+    @abc.abstractmethod
+    def texts(self, records: Sequence[Any]) -> Iterable[str]:
+        """Raw texts of the records, to train a tokenizer on."""
+
+    def fit_labels(self, records: Sequence[Any]) -> None:
+        """Learns the label set from the training records (classification tasks)."""
+
+    @abc.abstractmethod
+    def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool = True) -> list[dict[str, Any]]:
+        """Features (unpadded dicts of token ids and labels); ``training=False`` for evaluation data."""
+
+    # -- model --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def head(self) -> tuple[str, int]:
+        """The head this task needs on a shared trunk: ``(kind, num_labels)``."""
+
+    # -- loss ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
+        """The task's loss on one batch as ``(sum, count)``."""
+
+    @abc.abstractmethod
+    def count(self, batch: Batch) -> Array:
+        """The loss's count from the labels alone (float32 scalar)."""
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def predict(self, output: Any, batch: Batch) -> dict[str, Array]:
+        """Per-example predictions to gather on the host (inside ``jit``)."""
+
+    @abc.abstractmethod
+    def metrics(self, predictions: list[dict[str, np.ndarray]], batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        """Eval metrics from the gathered predictions and their batches."""
+
+    def state(self) -> dict[str, Any]:
+        """What must be saved with the run to rebuild the task (label names...)."""
+        return {}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restores :meth:`state`."""
+
+
+def token_count(labels: Array) -> Array:
+    """Number of labels that are not ``-100``, as float32."""
+    return jnp.sum((labels != IGNORE_INDEX).astype(jnp.float32))
+
+
+def example_count(batch: Batch) -> Array:
+    """Number of real (non-filler) rows of a batch, as float32."""
+    return jnp.sum(batch["example_mask"].astype(jnp.float32))

@@ -1,0 +1,90 @@
+"""Sentence (or sentence-pair) classification: cross-entropy; accuracy and macro-F1."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+import jaxloss
+from train import metrics
+from train.data.table import read_table
+from train.data.tokenization import encode_texts
+from train.tasks.base import Batch, Task, column, example_count, infer_format
+
+
+@dataclasses.dataclass
+class ClassifyTask(Task):
+    """Labels are class names; their order is learned from the training file (sorted)."""
+
+    labels: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.kind = "classify"
+        self.term_kind = "classification"
+        self.main_metric = "accuracy"
+
+    def read(self, path: str) -> Sequence[Any]:
+        fmt = infer_format(path, self.format, "label_first")
+        columns = {} if fmt == "label_first" else dict(
+            text_column=column(self.text_column),
+            text_pair_column=column(self.text_pair_column),
+            label_column=column(self.label_column),
+        )
+        header = not all(isinstance(c, int) for c in columns.values() if c is not None) if columns else True
+        return read_table(path, format=fmt, header=header, label_type="str", **columns)
+
+    def texts(self, records: Sequence[Any]) -> Iterable[str]:
+        for r in records:
+            yield r.text
+            if r.text_pair is not None:
+                yield r.text_pair
+
+    def fit_labels(self, records: Sequence[Any]) -> None:
+        if not self.labels:
+            self.labels = sorted({str(r.label) for r in records if r.label is not None})
+        if len(self.labels) < 2:
+            raise ValueError(f"task {self.name!r}: the training data has fewer than 2 classes: {self.labels}")
+
+    def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool = True) -> list[dict[str, Any]]:
+        label_to_id = {label: i for i, label in enumerate(self.labels)}
+        return encode_texts(tokenizer, records, max_length=self.max_length, label_to_id=label_to_id)
+
+    def head(self) -> tuple[str, int]:
+        return ("sequence_classification", len(self.labels))
+
+    def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
+        return jaxloss.cross_entropy(
+            output.logits, batch["labels"], where=batch["example_mask"],
+            label_smoothing=self.label_smoothing, reduction="sum_count",
+        )
+
+    def count(self, batch: Batch) -> jnp.ndarray:
+        return example_count(batch)
+
+    def predict(self, output: Any, batch: Batch) -> dict[str, jnp.ndarray]:
+        return {"prediction": jnp.argmax(output.logits, axis=-1)}
+
+    def metrics(self, predictions: list[dict[str, np.ndarray]], batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        pred, gold = _gather_rows(predictions, batches, "prediction", "labels")
+        return {"accuracy": metrics.accuracy(pred, gold), "macro_f1": metrics.macro_f1(pred, gold, classes=list(range(len(self.labels))))}
+
+    def state(self) -> dict[str, Any]:
+        return {"labels": list(self.labels)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.labels = list(state["labels"])
+
+
+def _gather_rows(
+    predictions: list[dict[str, np.ndarray]], batches: list[dict[str, np.ndarray]], pred_key: str, gold_key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenates per-batch predictions and labels over the real rows (``example_mask``)."""
+    preds, golds = [], []
+    for p, b in zip(predictions, batches):
+        keep = np.asarray(b["example_mask"], bool)
+        preds.append(np.asarray(p[pred_key])[keep])
+        golds.append(np.asarray(b[gold_key])[keep])
+    return np.concatenate(preds), np.concatenate(golds)

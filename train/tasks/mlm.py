@@ -1,0 +1,85 @@
+"""Masked language modelling on plain text (pre-training from scratch): cross-entropy on masked tokens.
+
+BERT's recipe: 15% of the real tokens are chosen; of those 80% become ``[MASK]``, 10% a
+random token and 10% stay; the loss is the cross-entropy at the chosen positions only. The
+choice is drawn on the host from a generator seeded by ``(seed, step)``, so a resumed run
+masks exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+import jaxloss
+from train.data.text import read_text
+from train.data.tokenization import IGNORE_INDEX, encode_lm
+from train.tasks.base import Batch, Task, token_count
+
+
+@dataclasses.dataclass
+class MlmTask(Task):
+    """Masked-token prediction with a head tied to the input embeddings."""
+
+    mask_probability: float = 0.15
+    mask_token_id: int = -1
+    vocab_size: int = 0
+    special_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.kind = "mlm"
+        self.term_kind = "classification"
+        self.main_metric = "perplexity"
+        self.greater_is_better = False
+
+    def read(self, path: str) -> Sequence[Any]:
+        return read_text(path, unit="paragraph")
+
+    def texts(self, records: Sequence[Any]) -> Iterable[str]:
+        return (r.text for r in records)
+
+    def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool = True) -> list[dict[str, Any]]:
+        if tokenizer.mask_token_id is None:
+            raise ValueError(f"task {self.name!r}: masked-LM training needs a tokenizer with a mask token")
+        self.mask_token_id = int(tokenizer.mask_token_id)
+        self.vocab_size = len(tokenizer)
+        self.special_ids = tuple(int(i) for i in tokenizer.all_special_ids)
+        return encode_lm(tokenizer, records, block_size=self.max_length)
+
+    def prepare(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Chooses and corrupts the masked positions; ``labels`` hold the original ids there, -100 elsewhere."""
+        ids = np.array(batch["input_ids"])
+        real = (batch["attention_mask"] > 0) & batch["example_mask"][:, None] & ~np.isin(ids, self.special_ids)
+        chosen = real & (rng.random(ids.shape) < self.mask_probability)
+        labels = np.where(chosen, ids, IGNORE_INDEX).astype(np.int32)
+        roll = rng.random(ids.shape)
+        ids = np.where(chosen & (roll < 0.8), self.mask_token_id, ids)
+        random_ids = rng.integers(0, self.vocab_size, ids.shape)
+        ids = np.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, ids).astype(np.int32)
+        return {**batch, "input_ids": ids, "labels": labels}
+
+    def head(self) -> tuple[str, int]:
+        return ("mlm", 0)
+
+    def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
+        return jaxloss.cross_entropy(output.logits, batch["labels"], reduction="sum_count")
+
+    def count(self, batch: Batch) -> jnp.ndarray:
+        return token_count(batch["labels"])
+
+    def predict(self, output: Any, batch: Batch) -> dict[str, jnp.ndarray]:
+        pair = jaxloss.cross_entropy(output.logits, batch["labels"], reduction="sum_count")
+        correct = jnp.sum(((jnp.argmax(output.logits, -1) == batch["labels"]) & (batch["labels"] >= 0)).astype(jnp.float32))
+        return {"nll_sum": pair.total, "count": pair.count, "correct": correct}
+
+    def metrics(self, predictions: list[dict[str, np.ndarray]], batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        total = float(sum(float(p["nll_sum"]) for p in predictions))
+        count = float(sum(float(p["count"]) for p in predictions))
+        correct = float(sum(float(p["correct"]) for p in predictions))
+        if not count:
+            return {"perplexity": float("nan"), "accuracy": float("nan")}
+        return {"perplexity": math.exp(total / count), "accuracy": correct / count}

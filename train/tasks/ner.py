@@ -1,0 +1,84 @@
+"""Named-entity recognition on CoNLL files: token cross-entropy; entity-level P / R / F1 as seqeval."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+import jaxloss
+from train import metrics
+from train.data.conll import read_conll
+from train.data.tokenization import encode_tagged
+from train.tasks.base import Batch, Task, token_count
+
+
+@dataclasses.dataclass
+class NerTask(Task):
+    """BIO tags (IOB1 files are converted with ``format="iob1"``), the first subword of each word labelled."""
+
+    labels: list[str] = dataclasses.field(default_factory=list)
+    label_all_subwords: bool = False
+
+    def __post_init__(self) -> None:
+        self.kind = "ner"
+        self.term_kind = "classification"
+        self.main_metric = "f1"
+
+    def read(self, path: str) -> Sequence[Any]:
+        scheme = self.format if self.format in ("iob1", "iobes", "bio") else "bio"
+        return read_conll(path, scheme=scheme)
+
+    def texts(self, records: Sequence[Any]) -> Iterable[str]:
+        for r in records:
+            yield " ".join(r.tokens)
+
+    def fit_labels(self, records: Sequence[Any]) -> None:
+        if not self.labels:
+            tags = {t for r in records for t in r.tags}
+            # "O" first, then each type's B- and I- tags together
+            self.labels = sorted(tags, key=lambda t: (t != "O", t[2:], t[:2]))
+
+    def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool = True) -> list[dict[str, Any]]:
+        """Features; evaluation always labels first subwords only, so scores are per word."""
+        label_to_id = {label: i for i, label in enumerate(self.labels)}
+        return encode_tagged(
+            tokenizer, records, label_to_id, max_length=self.max_length,
+            label_all_subwords=self.label_all_subwords and training,
+        )
+
+    def head(self) -> tuple[str, int]:
+        return ("token_classification", len(self.labels))
+
+    def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
+        return jaxloss.cross_entropy(
+            output.logits, batch["labels"], label_smoothing=self.label_smoothing, reduction="sum_count"
+        )
+
+    def count(self, batch: Batch) -> jnp.ndarray:
+        return token_count(batch["labels"])
+
+    def predict(self, output: Any, batch: Batch) -> dict[str, jnp.ndarray]:
+        return {"prediction": jnp.argmax(output.logits, axis=-1)}
+
+    def metrics(self, predictions: list[dict[str, np.ndarray]], batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        true_tags, pred_tags = [], []
+        for p, b in zip(predictions, batches):
+            keep = np.asarray(b["example_mask"], bool)
+            t, q = metrics.decode_tags(np.asarray(p["prediction"])[keep], np.asarray(b["labels"])[keep], self.labels)
+            true_tags += t
+            pred_tags += q
+        scores = metrics.ner_scores(true_tags, pred_tags)
+        out = {"precision": scores.micro.precision, "recall": scores.micro.recall, "f1": scores.micro.f1,
+               "macro_f1": scores.macro_f1}
+        for entity, prf in sorted(scores.per_type.items()):
+            out[f"f1_{entity}"] = prf.f1
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"labels": list(self.labels)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.labels = list(state["labels"])
