@@ -56,7 +56,7 @@ class TrainConfig:
     balancing: str = _field("static", "multitask loss weights: static | uncertainty (learned, Kendall et al. 2018)", choices=("static", "uncertainty"))
     # model and tokenizer
     model: Optional[str] = _field(None, "a local Hugging Face model folder to fine-tune (default: train from scratch)")
-    model_size: str = _field("tiny", "size of a model trained from scratch: tiny | mini | small | base")
+    model_size: str = _field("tiny", "size of a model trained from scratch: micro | tiny | mini | small | base")
     tokenizer: Optional[str] = _field(None, "a local Hugging Face tokenizer folder (default: the model's, or trained on --train-file)")
     vocab_size: int = _field(8000, "vocabulary size of a tokenizer trained on the training data")
     max_length: int = _field(128, "maximum tokens per example (longer ones are truncated and counted)")

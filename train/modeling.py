@@ -28,6 +28,7 @@ from train.tasks.base import Task
 
 #: (hidden size, layers, attention heads, MLP size) of models trained from scratch.
 MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "micro": (64, 1, 2, 128),
     "tiny": (128, 2, 2, 512),
     "mini": (256, 4, 4, 1024),
     "small": (512, 4, 8, 2048),

@@ -95,12 +95,13 @@ def make_train_step(
         (total, out), log_var_grads = jax.value_and_grad(composite_total, has_aux=True)(log_vars)
         all_grads = (grads, log_var_grads)
         finite = jnp.isfinite(total) & _all_finite(all_grads)
-        updates, new_opt_state = optimizer.update(all_grads, opt_state, (params, log_vars))
-        new_params, new_log_vars = optax.apply_updates((params, log_vars), updates)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 step count with floats
+            updates, new_opt_state = optimizer.update(all_grads, opt_state, (params, log_vars))
+            new_params, new_log_vars = optax.apply_updates((params, log_vars), updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         metrics = {
             "train/loss": total,
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
             "train/learning_rate": learning_rate(step),
             "train/finite": finite,
             **{f"train/{n}": out.unweighted[n] for n in sums},

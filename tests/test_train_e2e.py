@@ -1,0 +1,127 @@
+"""End to end: each task trains on tiny generated data, its loss falls and its metric beats chance."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.cli import main as cli_main
+from train.recorder import read_metrics
+
+pytestmark = pytest.mark.slow
+
+WORDS = [f"w{i}" for i in range(40)]
+NAMES = ["Alice", "Bruno", "Chen", "Dara", "Emil", "Fatou", "Goran", "Hana"]
+CITIES = ["Paris", "Lagos", "Lima", "Oslo", "Pune", "Quito"]
+
+
+def _write(path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _classify_data(tmp: Path, n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    rows = ["text,label"]
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(WORDS, 6) + [rng.choice(["great", "fine", "lovely"] if label == "pos" else ["awful", "poor", "dull"])]
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words)},{label}")
+    return _write(tmp / f"cls{seed}.csv", rows)
+
+
+def _ner_data(tmp: Path, n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        tokens = [(w, "O") for w in rng.sample(WORDS, 4)]
+        tokens.insert(rng.randrange(len(tokens)), (rng.choice(NAMES), "B-PER"))
+        tokens += [("in", "O"), (rng.choice(CITIES), "B-LOC")]
+        lines += [f"{t}\t{tag}" for t, tag in tokens] + [""]
+    return _write(tmp / f"ner{seed}.conll", lines)
+
+
+def _regress_data(tmp: Path, n: int, seed: int) -> str:
+    """The score is the number of "hot" words in the pair (0 to 4)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        hot = rng.randrange(5)
+        words = rng.sample(WORDS[8:], 8 - hot) + rng.choices(WORDS[:4], k=hot)
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words[:4])}\t{' '.join(words[4:])}\t{hot:.1f}")
+    return _write(tmp / f"sts{seed}.tsv", rows)
+
+
+def _text_data(tmp: Path, n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    paragraphs = []
+    for _ in range(n):
+        start = rng.randrange(len(WORDS))
+        paragraphs.append(" ".join(WORDS[(start + k) % len(WORDS)] for k in range(12)))  # a predictable cycle
+    return _write(tmp / f"text{seed}.txt", [p + "\n" for p in paragraphs])
+
+
+def _train(tmp: Path, task: str, *extra: str) -> list[dict]:
+    out = tmp / f"run_{task}"
+    args = [task, "--output-dir", str(out), "--model-size", "micro", "--batch-size", "16", "--max-length", "32",
+            "--vocab-size", "300", "--log-every", "5", "--no-progress", "--learning-rate", "3e-3", *extra]
+    assert cli_main(args) == 0
+    return read_metrics(out)
+
+
+def _first_last(records: list[dict], key: str) -> tuple[float, float]:
+    values = [r[key] for r in records if key in r]
+    return values[0], values[-1]
+
+
+def test_classify(tmp_path):
+    records = _train(tmp_path, "classify", "--train-file", _classify_data(tmp_path, 320, 0),
+                     "--eval-file", _classify_data(tmp_path, 64, 1), "--max-steps", "60")
+    first, last = _first_last(records, "train/loss")
+    assert last < first
+    assert _first_last(records, "eval/classify/accuracy")[1] > 0.75  # chance is 0.5
+
+
+def test_ner_and_predict(tmp_path):
+    records = _train(tmp_path, "ner", "--train-file", _ner_data(tmp_path, 200, 0),
+                     "--eval-file", _ner_data(tmp_path, 48, 1), "--max-steps", "60")
+    first, last = _first_last(records, "train/loss")
+    assert last < first
+    assert _first_last(records, "eval/ner/f1")[1] > 0.5  # chance-level tagging finds ~no whole entity
+    run = tmp_path / "run_ner"
+    assert cli_main(["predict", str(run), _ner_data(tmp_path, 4, 2)]) == 0
+    predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and all(len(p["tags"]) == len(p["tokens"]) for p in predictions)
+    assert (run / "plots" / "train.png").exists() and (run / "model" / "config.json").exists()
+
+
+def test_regress(tmp_path):
+    records = _train(tmp_path, "regress", "--train-file", _regress_data(tmp_path, 320, 0),
+                     "--eval-file", _regress_data(tmp_path, 64, 1), "--text-column", "0",
+                     "--text-pair-column", "1", "--label-column", "2", "--max-steps", "80")
+    first, last = _first_last(records, "train/loss")
+    assert last < first
+    assert _first_last(records, "eval/regress/pearson")[1] > 0.3
+
+
+def test_lm(tmp_path):
+    records = _train(tmp_path, "lm", "--train-file", _text_data(tmp_path, 200, 0),
+                     "--eval-file", _text_data(tmp_path, 30, 1), "--max-steps", "50")
+    first, last = _first_last(records, "train/loss")
+    assert last < first
+    # a uniform guess over the vocabulary has perplexity len(tokenizer) (~ hundreds here)
+    assert _first_last(records, "eval/lm/perplexity")[1] < 20
+
+
+def test_mlm(tmp_path):
+    records = _train(tmp_path, "mlm", "--train-file", _text_data(tmp_path, 200, 0),
+                     "--eval-file", _text_data(tmp_path, 30, 1), "--max-steps", "50")
+    first, last = _first_last(records, "train/loss")
+    assert last < first
+    assert np.isfinite(_first_last(records, "eval/mlm/perplexity")[1])
