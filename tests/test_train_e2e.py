@@ -125,3 +125,28 @@ def test_mlm(tmp_path):
     first, last = _first_last(records, "train/loss")
     assert last < first
     assert np.isfinite(_first_last(records, "eval/mlm/perplexity")[1])
+
+
+def test_multitask_composite(tmp_path):
+    config = tmp_path / "multi.yaml"
+    config.write_text(
+        "tasks:\n"
+        f"  - {{name: ner, task: ner, train_file: {_ner_data(tmp_path, 160, 0)}, eval_file: {_ner_data(tmp_path, 32, 1)}}}\n"
+        f"  - {{name: sts, task: regress, train_file: {_regress_data(tmp_path, 160, 0)}, eval_file: {_regress_data(tmp_path, 32, 1)},"
+        " text_column: '0', text_pair_column: '1', label_column: '2', weight: 0.5}\n"
+        f"  - {{name: mlm, task: mlm, train_file: {_text_data(tmp_path, 100, 0)}, eval_file: {_text_data(tmp_path, 20, 1)},"
+        " weight: 0.5, weight_warmup_steps: 10}\n"
+    )
+    records = _train(tmp_path, "multitask", "--config", str(config), "--max-steps", "60", "--balancing", "uncertainty")
+    for term in ("ner", "sts", "mlm"):
+        first, last = _first_last(records, f"train/{term}")
+        assert last < first, term
+        assert f"train/{term}_weight" in records[-2] or any(f"train/{term}_weight" in r for r in records)
+    # the warmed-up weight starts at 0
+    assert [r for r in records if "train/mlm_weight" in r][0]["train/mlm_weight"] < 0.5
+    assert _first_last(records, "eval/ner/f1")[1] > 0.3
+    model_dir = tmp_path / "run_multitask" / "model"
+    assert (model_dir / "heads.safetensors").exists()
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(str(model_dir))  # the trunk loads in transformers

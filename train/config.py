@@ -86,6 +86,9 @@ class TrainConfig:
     progress: bool = _field(True, "show a progress bar")
     # scale-out
     mesh: str = _field("data=-1", "device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; -1 fills)")
+    coordinator_address: Optional[str] = _field(None, "multi-host: host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    num_processes: Optional[int] = _field(None, "multi-host: number of processes (or JAX_NUM_PROCESSES)")
+    process_id: Optional[int] = _field(None, "multi-host: this process's index (or JAX_PROCESS_ID)")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxloss
-from train import sharding
+from train import distributed, sharding
 from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
 from train.config import TaskSpec, TrainConfig
 from train.data.batching import Batcher
@@ -115,7 +116,8 @@ def _make_batchers(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, d
         train_features = task.encode(tokenizer, train_records)
         _log_counts(task.name, "train", train_records, train_features)
         train = Batcher(train_features, config.batch_size, pad_id=pad_id, shuffle=True, seed=config.seed,
-                        pad_to_multiple=pad_multiple, max_length=config.max_length)
+                        pad_to_multiple=pad_multiple, max_length=config.max_length,
+                        process_index=jax.process_index(), process_count=jax.process_count())
         eval_batches: list[dict[str, np.ndarray]] = []
         if eval_records is not None:
             if config.max_eval_examples:
@@ -123,6 +125,7 @@ def _make_batchers(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, d
             eval_features = task.encode(tokenizer, eval_records, training=False)
             _log_counts(task.name, "eval", eval_records, eval_features)
             eval_size = max(divisor, (config.batch_size // divisor) * divisor)
+            # every process evaluates whole batches (replicated), so metrics need no gathering
             eval_batcher = Batcher(eval_features, eval_size, pad_id=pad_id, shuffle=False,
                                    pad_to_multiple=pad_multiple, max_length=config.max_length)
             rng = np.random.default_rng(config.seed + 1)
@@ -144,8 +147,16 @@ def _prepare(task: Task, batch: dict[str, np.ndarray], rng: np.random.Generator)
 
 
 def _device_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, Any]:
+    """This process's rows of a global training batch, as global arrays split over the batch axes."""
     arrays = {k: v for k, v in batch.items() if k != "example_index"}
     return sharding.shard_batch(arrays, mesh)
+
+
+def _replicated_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, Any]:
+    """A whole batch held by every device (evaluation)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return {k: jax.make_array_from_process_local_data(replicated, v, v.shape)
+            for k, v in batch.items() if k != "example_index"}
 
 
 class Budget:
@@ -167,6 +178,7 @@ class Budget:
 def run(config: TrainConfig) -> dict[str, float]:
     """Trains as ``config`` says; returns the final evaluation metrics."""
     _setup_logging()
+    distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
     out_dir = preflight(config.output_dir)
     mesh = sharding.make_mesh(config.mesh)
     divisor = sharding.batch_divisor(mesh)
@@ -204,8 +216,9 @@ def run(config: TrainConfig) -> dict[str, float]:
     model.eval()
     eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
     params = sharding.shard_state(params, mesh)
-    log_vars = composite.init()
-    opt_state = optimizer.init((params, log_vars))
+    log_vars = jax.device_put(composite.init(), NamedSharding(mesh, PartitionSpec()))
+    # jit places the moments like the parameters; scalars (step counts) go on every device
+    opt_state = _on_mesh(jax.jit(optimizer.init)((params, log_vars)), mesh)
     main = tasks[0]
     best_metric = config.best_metric or f"eval/{main.name}/{main.main_metric}"
     greater = main.greater_is_better if config.best_metric is None else not best_metric.endswith(("loss", "perplexity", "mse", "nll"))
@@ -222,7 +235,8 @@ def run(config: TrainConfig) -> dict[str, float]:
 
     train_step = jax.jit(make_train_step(graphdef, tasks, composite, optimizer, config.grad_accum, schedule),
                          donate_argnums=(0, 1, 2))
-    eval_steps = {t.name: jax.jit(make_eval_step(eval_graphdef, t)) for t in tasks}
+    eval_steps = {t.name: jax.jit(make_eval_step(eval_graphdef, t), out_shardings=NamedSharding(mesh, PartitionSpec()))
+                  for t in tasks}
     key = jax.random.key(config.seed)
 
     def evaluate() -> dict[str, float]:
@@ -230,7 +244,7 @@ def run(config: TrainConfig) -> dict[str, float]:
         for name, d in data.items():
             if not d.eval_batches:
                 continue
-            predictions = [jax.device_get(eval_steps[name](params, rest, _device_batch(b, mesh))) for b in d.eval_batches]
+            predictions = [jax.device_get(eval_steps[name](params, rest, _replicated_batch(b, mesh))) for b in d.eval_batches]
             for metric, value in d.task.metrics(predictions, d.eval_batches).items():
                 results[f"eval/{name}/{metric}"] = float(value)
         return results
@@ -273,8 +287,8 @@ def run(config: TrainConfig) -> dict[str, float]:
                 nonfinite_run += 1
                 logger.warning("step %d: loss or gradient not finite; step skipped (%d in a row)", step, nonfinite_run)
                 if nonfinite_run >= NONFINITE_LIMIT:
-                    stop_reason = f"{NONFINITE_LIMIT} steps in a row had a non-finite loss or gradient"
-                    step -= 1
+                    stop_reason = (f"{NONFINITE_LIMIT} steps in a row had a non-finite loss or gradient; "
+                                   "the checkpoint holds the last good parameters")
                     break
             else:
                 nonfinite_run = 0
@@ -307,10 +321,11 @@ def run(config: TrainConfig) -> dict[str, float]:
                     break
             elif checkpoints.should_save(step):
                 save()
-            if preemption.requested:
+            # every process must stop at the same step: agree on signals and the clock
+            if distributed.any_process(preemption.requested):
                 stop_reason = "a stop signal"
                 break
-            if budget.out_of_time():
+            if distributed.any_process(budget.out_of_time()):
                 stop_reason = f"the {config.max_minutes}-minute budget ran out"
                 break
     if progress is not None:
@@ -342,6 +357,16 @@ def _improved(value: float | None, best: float | None, greater: bool) -> bool:
     if value is None or not math.isfinite(value):
         return False
     return best is None or (value > best if greater else value < best)
+
+
+def _on_mesh(tree: Any, mesh: Any) -> Any:
+    """Replicates over the mesh any array that lives on fewer devices than the mesh has."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x: Any) -> Any:
+        return x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)
 
 
 def _abstract(tree: Any) -> Any:
