@@ -10,6 +10,7 @@ from jaxloss._reduce import REDUCTIONS, SumCount, combine
 from jaxloss.classification import binary_cross_entropy_with_logits, cross_entropy, nll_loss
 from jaxloss.composite import CompositeLoss, CompositeOutput, Term
 from jaxloss.divergence import kl_div
+from jaxloss.fused import linear_cross_entropy
 from jaxloss.regression import huber_loss, l1_loss, mse_loss, smooth_l1_loss
 from jaxloss.sequence import causal_lm_loss, perplexity, sequence_log_likelihood, sequence_nll_loss
 
@@ -28,6 +29,7 @@ __all__ = [
     "huber_loss",
     "kl_div",
     "l1_loss",
+    "linear_cross_entropy",
     "mse_loss",
     "nll_loss",
     "perplexity",

@@ -36,9 +36,12 @@ import jax.numpy as jnp
 from jax import Array
 from jax.custom_derivatives import SymbolicZero
 
+from jaxloss._reduce import compute_dtype
+
 
 def _f32(x: Array) -> Array:
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    """``x`` in at least float32 (16-bit floats widen; float32 and float64 stay)."""
+    return x.astype(compute_dtype(x.dtype))
 
 
 def _kept(x: Array, keep: Array) -> Array:
