@@ -69,6 +69,7 @@ def _text_data(tmp: Path, n: int, seed: int) -> str:
 
 def _train(tmp: Path, task: str, *extra: str) -> list[dict]:
     out = tmp / f"run_{task}"
+    tmp.mkdir(parents=True, exist_ok=True)
     args = [task, "--output-dir", str(out), "--model-size", "micro", "--batch-size", "16", "--max-length", "32",
             "--vocab-size", "300", "--log-every", "5", "--no-progress", "--learning-rate", "3e-3", *extra]
     assert cli_main(args) == 0
@@ -150,3 +151,18 @@ def test_multitask_composite(tmp_path):
     from transformers import AutoModel
 
     AutoModel.from_pretrained(str(model_dir))  # the trunk loads in transformers
+
+
+@pytest.mark.parametrize("task", ["lm", "mlm"])
+def test_fused_loss_equals_unfused(tmp_path, task):
+    """The same run with the fused final layer gives the same losses as with full logits."""
+    data = ["--train-file", _text_data(tmp_path, 60, 0), "--max-steps", "4", "--log-every", "1", "--seed", "3"]
+    tokenizer = tmp_path / "tok"
+    from train.data.tokenization import train_tokenizer
+
+    train_tokenizer(Path(data[1]).read_text().split(), kind="bpe" if task == "lm" else "wordpiece", vocab_size=300, save_dir=tokenizer)
+    losses = {}
+    for fused in ("on", "off"):
+        records = _train(tmp_path / fused, task, *data, "--fused-loss", fused, "--tokenizer", str(tokenizer))
+        losses[fused] = [r["train/loss"] for r in records if "train/loss" in r]
+    np.testing.assert_allclose(losses["on"], losses["off"], rtol=2e-5)

@@ -61,6 +61,7 @@ class TrainConfig:
     vocab_size: int = _field(8000, "vocabulary size of a tokenizer trained on the training data")
     max_length: int = _field(128, "maximum tokens per example (longer ones are truncated and counted)")
     label_all_subwords: bool = _field(False, "ner: label every subword of a word, not only the first")
+    fused_loss: str = _field("auto", "lm / mlm loss straight from hidden states (jaxloss.linear_cross_entropy): auto (vocabularies of 32768 or more) | on | off", choices=("auto", "on", "off"))
     # optimization
     max_steps: Optional[int] = _field(None, "stop after this many optimizer steps")
     epochs: float = _field(3.0, "stop after this many passes over the training data")

@@ -77,6 +77,16 @@ def build_tasks(config: TrainConfig) -> list[Task]:
     return tasks
 
 
+FUSED_LOSS_MIN_VOCAB = 32768
+
+
+def use_fused_loss(setting: str, vocab_size: int) -> bool:
+    """Whether language-model heads train with the fused loss (``auto``: large vocabularies)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"fused_loss={setting!r} must be auto, on or off")
+    return setting == "on" or (setting == "auto" and vocab_size >= FUSED_LOSS_MIN_VOCAB)
+
+
 def composite_loss(config: TrainConfig, tasks: Sequence[Task]) -> jaxloss.CompositeLoss:
     """The composite loss over the tasks' terms, with each spec's weight and warmup."""
     specs = {s.name: s for s in task_specs(config)}
@@ -196,6 +206,8 @@ def run(config: TrainConfig) -> dict[str, float]:
         else:
             task.fit_labels(records[task.name][0])
     tokenizer = build_tokenizer(config, tasks, records, out_dir / "tokenizer")
+    for task in tasks:
+        task.fused = task.kind in ("lm", "mlm") and use_fused_loss(config.fused_loss, len(tokenizer))
     data = _make_batchers(config, tasks, tokenizer, divisor, records)
     (out_dir / "tasks.json").write_text(json.dumps({t.name: t.state() for t in tasks}, indent=2))
     config.save(out_dir / "config.yaml")

@@ -21,20 +21,38 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import flax
 import optax
 from flax import nnx
 from jax import Array
 
 import jaxloss
+from train.models.outputs import OutputEmbedding
 from train.tasks.base import Task
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def forward(model: Any, task: Task, batch: Mapping[str, Array]) -> Any:
-    """The model's output for ``task``'s head on ``batch`` (a shared trunk picks the head by name)."""
+@flax.struct.dataclass
+class HiddenOutput:
+    """A language-model head's features and output embedding, for a fused loss (no logits)."""
+
+    prelogits: Array
+    embedding: OutputEmbedding
+
+
+def forward(model: Any, task: Task, batch: Mapping[str, Array], *, fused: bool = False) -> Any:
+    """The model's output for ``task``'s head on ``batch`` (a shared trunk picks the head by name).
+
+    With ``fused`` (language-model tasks), the vocabulary projection is skipped and a
+    :class:`HiddenOutput` is returned for :func:`jaxloss.linear_cross_entropy`.
+    """
     kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if hasattr(model, "head_kinds"):
+    shared = hasattr(model, "head_kinds")
+    if fused:
+        out = model(**kwargs, heads=(task.name,), compute_logits=False)[task.name] if shared else model(**kwargs, compute_logits=False)
+        return HiddenOutput(out.prelogits, model.output_embedding(task.name) if shared else model.output_embedding())
+    if shared:
         return model(**kwargs, heads=(task.name,))[task.name]
     return model(**kwargs)
 
@@ -76,7 +94,7 @@ def make_train_step(
         def micro_loss(p, micro, micro_key):
             model = nnx.merge(graphdef, p, rest, copy=True)
             nnx.reseed(model, dropout=micro_key)
-            sums = {t.name: t.loss(forward(model, t, micro[t.name]), micro[t.name]).total for t in tasks}
+            sums = {t.name: t.loss(forward(model, t, micro[t.name], fused=t.fused), micro[t.name]).total for t in tasks}
             return sum(scale[n] * s for n, s in sums.items()), sums
 
         grads = jax.tree.map(jnp.zeros_like, params)

@@ -61,6 +61,7 @@ class Task(abc.ABC):
     term_kind: str = dataclasses.field(init=False, default="classification")  # for uncertainty balancing
     main_metric: str = dataclasses.field(init=False, default="")  # eval metric that picks the best model
     greater_is_better: bool = dataclasses.field(init=False, default=True)
+    fused: bool = dataclasses.field(init=False, default=False)  # train with the fused linear cross-entropy
 
     # -- data ---------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -107,6 +108,16 @@ class Task(abc.ABC):
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state`."""
+
+
+def fused_token_loss(hidden: Array, embedding: Any, targets: Array, where: Array | None,
+                     label_smoothing: float = 0.0) -> jaxloss.SumCount:
+    """Token cross-entropy straight from a language-model head's features and its output
+    embedding (``logits = hidden @ W + b`` is never held in full)."""
+    return jaxloss.linear_cross_entropy(
+        hidden, embedding.weight, targets, bias=embedding.bias, weight_layout=embedding.layout, where=where,
+        label_smoothing=label_smoothing, reduction="sum_count",
+    )
 
 
 def token_count(labels: Array) -> Array:

@@ -17,7 +17,7 @@ import numpy as np
 import jaxloss
 from train.data.text import read_text
 from train.data.tokenization import encode_lm
-from train.tasks.base import Batch, Task
+from train.tasks.base import Batch, Task, fused_token_loss
 
 
 @dataclasses.dataclass
@@ -46,6 +46,9 @@ class LmTask(Task):
         return batch["attention_mask"].astype(jnp.bool_) & batch["example_mask"][:, None]
 
     def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
+        if self.fused:
+            return fused_token_loss(output.prelogits[:, :-1], output.embedding, batch["input_ids"][:, 1:],
+                                    self._mask(batch)[:, 1:], self.label_smoothing)
         return jaxloss.causal_lm_loss(
             output.logits, batch["input_ids"], attention_mask=self._mask(batch),
             label_smoothing=self.label_smoothing, reduction="sum_count",

@@ -18,7 +18,7 @@ import numpy as np
 import jaxloss
 from train.data.text import read_text
 from train.data.tokenization import IGNORE_INDEX, encode_lm
-from train.tasks.base import Batch, Task, token_count
+from train.tasks.base import Batch, Task, fused_token_loss, token_count
 
 
 @dataclasses.dataclass
@@ -66,6 +66,8 @@ class MlmTask(Task):
         return ("mlm", 0)
 
     def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
+        if self.fused:
+            return fused_token_loss(output.prelogits, output.embedding, batch["labels"], None)
         return jaxloss.cross_entropy(output.logits, batch["labels"], reduction="sum_count")
 
     def count(self, batch: Batch) -> jnp.ndarray:

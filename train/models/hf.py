@@ -1,0 +1,348 @@
+"""Hugging Face checkpoints: build the model a ``config.json`` names, load and save its tensors.
+
+- :func:`from_config`: a randomly initialised model from a ``transformers`` config object, a
+  config dict or a ``config.json`` path (for training from scratch).
+- :func:`load_pretrained`: the model named by a checkpoint folder's ``config.json``
+  (``architectures``, else ``model_type``) with its weights from ``model.safetensors``
+  (also sharded, via ``model.safetensors.index.json``) or ``pytorch_model.bin``; returned in
+  eval mode (dropout off), as ``from_pretrained`` does.
+- :func:`save_pretrained`: ``config.json`` + ``model.safetensors`` that
+  ``transformers.AutoModelFor...from_pretrained`` loads to the same numbers.
+- :func:`state_dict`: any parameter-shaped state (parameters, gradients) under PyTorch names
+  and layouts.
+
+Example:
+  >>> import tempfile
+  >>> from transformers import BertConfig
+  >>> cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+  ...                  intermediate_size=37, num_labels=5)
+  >>> model = from_config(cfg, "BertForTokenClassification")
+  >>> folder = tempfile.mkdtemp()
+  >>> save_pretrained(model, folder)
+  >>> type(load_pretrained(folder)).__name__
+  'BertForTokenClassification'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train.models import bert, gpt2, llama
+from train.models.mapping import TensorMap
+from train.models.outputs import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Architecture name (``config.json``'s ``architectures[0]``) -> model class.
+ARCHITECTURES: dict[str, type[nnx.Module]] = {
+    "BertModel": bert.BertModel,
+    "BertForSequenceClassification": bert.BertForSequenceClassification,
+    "BertForTokenClassification": bert.BertForTokenClassification,
+    "BertForMaskedLM": bert.BertForMaskedLM,
+    "GPT2LMHeadModel": gpt2.GPT2LMHeadModel,
+    "GPT2Model": gpt2.GPT2Model,
+    "LlamaForCausalLM": llama.LlamaForCausalLM,
+    "LlamaModel": llama.LlamaModel,
+}
+#: ``model_type`` -> architecture used when ``config.json`` names none.
+DEFAULT_ARCHITECTURE: dict[str, str] = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+_MODEL_TYPE = {"Bert": "bert", "GPT2": "gpt2", "Llama": "llama"}
+
+# Buffers some checkpoints carry that are not parameters.
+_BUFFERS = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: missing, extra or mis-shaped tensors, a bad file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_weights` did: tensors loaded, left at their initial values, ignored."""
+
+    loaded: tuple[str, ...]
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------- configs
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if isinstance(config, (str, os.PathLike)):
+        p = Path(config)
+        p = p / "config.json" if p.is_dir() else p
+        try:
+            return json.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {p}") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise TypeError(f"config must be a transformers config, a dict or a path, got {type(config).__name__}")
+
+
+def architecture_of(cfg: Mapping[str, Any], architecture: str | None = None) -> str:
+    """The architecture to build: ``architecture``, else ``config.json``'s, else the ``model_type`` default."""
+    arch = architecture
+    if arch is None:
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else DEFAULT_ARCHITECTURE.get(cfg.get("model_type", ""))
+    if arch is None:
+        raise ValueError(f"config names no architecture and model_type {cfg.get('model_type')!r} is not supported; "
+                         f"supported model types: {sorted(DEFAULT_ARCHITECTURE)}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    expected = next(t for prefix, t in _MODEL_TYPE.items() if arch.startswith(prefix))
+    if cfg.get("model_type") not in (None, expected):
+        raise ValueError(f"architecture {arch!r} needs model_type {expected!r}, config has {cfg.get('model_type')!r}")
+    return arch
+
+
+def from_config(config: Any, architecture: str | None = None, *, dtype: str = "float32", param_dtype: str = "float32",
+                remat: bool = False, seed: int = 0, **overrides: Any) -> nnx.Module:
+    """A randomly initialised model (in training mode) from a Hugging Face config.
+
+    Args:
+      config: a ``transformers.PretrainedConfig``, its ``to_dict()``, or a path to
+        ``config.json`` (or its folder).
+      architecture: e.g. ``"BertForTokenClassification"``; default: the config's.
+      dtype: compute dtype (``"float32"`` or ``"bfloat16"``); ``param_dtype``: storage dtype.
+      remat: rematerialise each layer in the backward pass.
+      seed: seed of the initialisation and of dropout.
+      overrides: config fields to change, e.g. ``num_labels=9`` (resets ``id2label``).
+    """
+    cfg = _config_dict(config)
+    if "num_labels" in overrides:
+        n = int(overrides["num_labels"])
+        cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
+        cfg["label2id"] = {f"LABEL_{i}": i for i in range(n)}
+    cfg.update(overrides)
+    arch = architecture_of(cfg, architecture)
+    cfg["architectures"] = [arch]
+    cfg.setdefault("model_type", next(t for prefix, t in _MODEL_TYPE.items() if arch.startswith(prefix)))
+    return ARCHITECTURES[arch](cfg, Runtime(dtype, param_dtype, remat), rngs=nnx.Rngs(seed))
+
+
+# ---------------------------------------------------------------------- reading tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _read_bin(path: Path) -> dict[str, np.ndarray]:
+    import torch  # only for PyTorch pickles
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad pickle
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+    return out
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint folder (or one weights file) as numpy arrays, by PyTorch name."""
+    p = Path(path)
+    if p.is_dir():
+        found = next((p / f for f in _WEIGHT_FILES if (p / f).exists()), None)
+        if found is None:
+            raise FileNotFoundError(f"{p} has none of {', '.join(_WEIGHT_FILES)}")
+        p = found
+    if p.name.endswith(".index.json"):
+        try:
+            index = json.loads(p.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{p}: not a safetensors index ({e})") from None
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(index.values())):
+            tensors.update(_read_safetensors(p.parent / shard))
+        return tensors
+    if p.suffix == ".safetensors":
+        return _read_safetensors(p)
+    if p.suffix in (".bin", ".pt", ".pth"):
+        return _read_bin(p)
+    raise CheckpointError(f"{p}: unknown weights format (expected .safetensors or .bin)")
+
+
+# ---------------------------------------------------------------------- mapping both ways
+
+
+def _flat_params(model: nnx.Module) -> dict[tuple, nnx.Variable]:
+    return {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _maps(model: nnx.Module) -> list[TensorMap]:
+    if not hasattr(model, "tensor_maps"):
+        raise TypeError(f"{type(model).__name__} has no Hugging Face tensor names (tensor_maps)")
+    return model.tensor_maps()
+
+
+def load_weights(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, strict: bool = True,
+                 source: str = "checkpoint") -> LoadReport:
+    """Copies PyTorch-named ``tensors`` into ``model``'s parameters (in place).
+
+    With ``strict`` a tensor the model needs but ``tensors`` lacks, or one the model has no
+    place for, raises :class:`CheckpointError` naming them; without, missing parameters keep
+    their initial values and extra tensors are ignored (both listed in the report). A shape
+    mismatch always raises, naming the tensor and both shapes.
+    """
+    params = _flat_params(model)
+    maps = _maps(model)
+    wanted = {m.name for m in maps}
+    tied = set(getattr(model, "tied_tensors", ())) - wanted
+    missing = sorted(m.name for m in maps if m.name not in tensors)
+    unexpected = sorted(k for k in tensors if k not in wanted and k not in tied and not _BUFFERS.search(k))
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:10])}"
+                         + (" ..." if len(unexpected) > 10 else ""))
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    loaded = []
+    for m in maps:
+        if m.name not in tensors:
+            continue
+        tensor = np.asarray(tensors[m.name])
+        vars_ = [params[p] for p in m.paths]
+        expected = m.torch_shape([v[...].shape for v in vars_])
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(f"{source}: tensor {m.name!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {expected}")
+        if not np.issubdtype(tensor.dtype, np.floating):
+            raise CheckpointError(f"{source}: tensor {m.name!r} has dtype {tensor.dtype}, expected floating point")
+        for var, value in zip(vars_, m.to_model(tensor)):
+            var.set_value(jnp.asarray(value, dtype=var[...].dtype))
+        loaded.append(m.name)
+    if missing:
+        log.warning("%s: %d parameter(s) not in the checkpoint keep their initial values: %s", source, len(missing),
+                    ", ".join(missing))
+    return LoadReport(tuple(loaded), tuple(missing), tuple(unexpected))
+
+
+def state_dict(model: nnx.Module, state: Any = None) -> dict[str, np.ndarray]:
+    """``{PyTorch name: array in PyTorch layout}`` of ``model``'s parameters.
+
+    ``state`` (e.g. gradients from ``nnx.grad`` / ``nnx.state(model, nnx.Param)`` of the same
+    model) is mapped instead of the parameters when given. Tied tensors appear once, under
+    the name PyTorch's ``named_parameters()`` uses.
+    """
+    if state is None:
+        flat = {p: v[...] for p, v in _flat_params(model).items()}
+    else:
+        flat = {tuple(p): (v[...] if isinstance(v, nnx.Variable) else v) for p, v in nnx.to_flat_state(state)}
+    out = {}
+    for m in _maps(model):
+        try:
+            arrays = [np.asarray(flat[p], dtype=np.float32) if flat[p].dtype == jnp.bfloat16 else np.asarray(flat[p])
+                      for p in m.paths]
+        except KeyError as e:
+            raise KeyError(f"state lacks parameter {e.args[0]} for tensor {m.name!r}") from None
+        out[m.name] = np.ascontiguousarray(m.from_model(arrays))
+    return out
+
+
+# ---------------------------------------------------------------------- folders
+
+
+def load_pretrained(path: str | os.PathLike, architecture: str | None = None, *, dtype: str = "float32",
+                    param_dtype: str = "float32", remat: bool = False, seed: int = 0, strict: bool | None = None,
+                    **overrides: Any) -> nnx.Module:
+    """The model a Hugging Face checkpoint folder names, with its weights, in eval mode.
+
+    Args:
+      path: a folder with ``config.json`` and ``model.safetensors`` (or a sharded index, or
+        ``pytorch_model.bin``).
+      architecture: build this head instead (e.g. ``"BertForTokenClassification"`` on a
+        ``BertForMaskedLM`` checkpoint); parameters the checkpoint lacks are initialised
+        with ``seed``, tensors the model has no place for are ignored.
+      strict: require an exact fit of tensors; default True unless ``architecture`` differs
+        from the checkpoint's.
+      overrides: config fields to change (e.g. ``num_labels=9``).
+
+    Raises:
+      CheckpointError: missing / unexpected tensors (strict), a shape mismatch, a corrupt file.
+      ValueError: an unknown architecture or model type.
+    """
+    cfg = _config_dict(path)
+    arch = architecture_of(cfg, architecture)
+    if strict is None:
+        strict = arch == architecture_of(cfg)
+    model = from_config(cfg, arch, dtype=dtype, param_dtype=param_dtype, remat=remat, seed=seed, **overrides)
+    tensors = _align_prefix(read_tensors(path), {m.name for m in _maps(model)}, _BASE_PREFIX[cfg.get("model_type", "")])
+    load_weights(model, tensors, strict=strict, source=str(path))
+    model.eval()
+    return model
+
+
+_BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer.", "llama": "model."}
+
+
+def _align_prefix(tensors: dict[str, np.ndarray], wanted: set[str], prefix: str) -> dict[str, np.ndarray]:
+    """Adds or strips the base-model prefix (``bert.``, ...) when a trunk checkpoint meets a head model or back."""
+    if not prefix or any(k in wanted for k in tensors):
+        return tensors
+    if any(w.startswith(prefix) for w in wanted) and not any(k.startswith(prefix) for k in tensors):
+        return {prefix + k: v for k, v in tensors.items()}
+    if not any(w.startswith(prefix) for w in wanted) and any(k.startswith(prefix) for k in tensors):
+        return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}
+    return tensors
+
+
+def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` (float32 unless the parameters are 16-bit)."""
+    from safetensors.numpy import save_file
+
+    arch = type(model).__name__
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{arch} has no Hugging Face counterpart; savable: {', '.join(sorted(ARCHITECTURES))}")
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict(model)
+    cfg = model.config.to_dict()
+    cfg["architectures"] = [arch]
+    cfg["dtype"] = "float32"
+    (p / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(p / "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_multitask(path: str | os.PathLike, heads: Mapping[str, tuple[str, int]], *, dtype: str = "float32",
+                   param_dtype: str = "float32", remat: bool = False, seed: int = 0) -> bert.BertMultiTask:
+    """A :class:`~train.models.bert.BertMultiTask` whose trunk (and masked-LM head, when the
+    checkpoint has one) comes from a BERT checkpoint; other heads are initialised with ``seed``."""
+    cfg = _config_dict(path)
+    if cfg.get("model_type") != "bert":
+        raise ValueError(f"multi-task models need a BERT checkpoint, {path} has model_type {cfg.get('model_type')!r}")
+    model = bert.BertMultiTask(cfg, heads, Runtime(dtype, param_dtype, remat), rngs=nnx.Rngs(seed))
+    tensors = _align_prefix(read_tensors(path), {m.name for m in _maps(model)}, "bert.")
+    load_weights(model, tensors, strict=False, source=str(path))
+    model.eval()
+    return model
