@@ -25,7 +25,8 @@ def kl_div(
     ``0 log 0 = 0``. ``"mean"`` averages over every counted element (PyTorch's default,
     which is not the mathematical KL); ``"batchmean"`` divides the sum by ``input.shape[0]``,
     which is the KL divergence per sample when the class axis is last (with ``axis_name``,
-    the sum and the batch size are both summed over devices).
+    the sum and the batch size are both summed over devices; with ``where``, a sample whose
+    elements are all masked does not count, so masking a sample equals dropping it).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxloss
@@ -57,6 +58,10 @@ def kl_div(
     if reduction == "batchmean":
         if input.ndim == 0:
             raise ValueError("reduction='batchmean' needs an input with a batch axis; got a scalar")
-        pair = reduce_loss(losses, jnp.ones(input.shape[:1], dtype), "sum_count", axis_name=axis_name)
+        if where is None:
+            samples = jnp.ones(input.shape[:1], dtype)
+        else:  # a sample counts when any of its elements does: masking a whole sample drops it
+            samples = jnp.any(where, axis=tuple(range(1, input.ndim))).astype(dtype)
+        pair = reduce_loss(losses, samples, "sum_count", axis_name=axis_name)
         return pair.total / pair.count
     return reduce_loss(losses, counted, reduction, axis_name=axis_name)
