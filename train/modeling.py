@@ -97,7 +97,7 @@ def _label_overrides(task: Task) -> dict[str, Any]:
 
 
 def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh: Mesh) -> nnx.Module:
-    """The model to train, its parameters created sharded on ``mesh``."""
+    """The model to train: created sharded on ``mesh``, or loaded from ``--model`` on the host."""
     vocab_size = len(tokenizer)
     runtime = dict(dtype=config.dtype, seed=config.seed)
 
@@ -119,6 +119,10 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
         return from_config(_encoder_config(config, vocab_size), ENCODER_ARCHITECTURE[task.kind], **runtime,
                            **_label_overrides(task))
 
+    if config.model:
+        # a checkpoint is read on the host; the loop then places its arrays on the mesh
+        with sharding.unsharded():
+            return make()
     return sharding.create_sharded(make, mesh)
 
 

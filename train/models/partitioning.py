@@ -30,7 +30,7 @@ Example:
   >>> logical_axes(model)["layers"][0]["attention"]["query"]["kernel"]
   ('embed', 'heads')
   >>> partition_specs(model, FSDP_TP_RULES)["embed"]["embedding"]
-  PartitionSpec('tensor', 'fsdp')
+  P('tensor', 'fsdp')
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from typing import Any, Mapping, Sequence
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from train.sharding import DEFAULT_RULES
 
 VOCAB = "vocab"
 EMBED = "embed"
@@ -54,17 +56,9 @@ LOGICAL_AXES: tuple[str, ...] = (VOCAB, EMBED, HEADS, KV_HEADS, MLP_AXIS, NORM, 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
-#: FSDP over ``fsdp`` on the model width, tensor parallelism over ``tensor`` on heads / MLP / vocab.
-FSDP_TP_RULES: Rules = (
-    (VOCAB, "tensor"),
-    (EMBED, "fsdp"),
-    (HEADS, "tensor"),
-    (KV_HEADS, "tensor"),
-    (MLP_AXIS, "tensor"),
-    (NORM, None),
-    (POSITIONS, None),
-    (LABELS, None),
-)
+#: FSDP over ``fsdp`` on the model width, tensor parallelism over ``tensor`` on heads / MLP /
+#: vocab: the project's one rules table, :data:`train.sharding.DEFAULT_RULES`.
+FSDP_TP_RULES: Rules = DEFAULT_RULES
 #: Pure FSDP: every matrix sharded over ``fsdp`` along its model-width axis.
 FSDP_RULES: Rules = tuple((name, "fsdp" if name == EMBED else None) for name in LOGICAL_AXES)
 #: Everything replicated (data parallelism only).

@@ -1,0 +1,213 @@
+"""One training step (forward + loss + backward + AdamW) of BERT-base and GPT-2-small: JAX vs PyTorch.
+
+Both sides start from the same weights (a ``transformers`` model saved and loaded with
+``train.models.load_pretrained``), see the same batch and run the same update:
+
+- ``jax``: ``jax.jit`` of forward, ``jaxloss`` loss, ``jax.value_and_grad`` and ``optax.adamw``,
+  parameters and optimizer state donated;
+- ``jax fused loss``: the same with ``jaxloss.linear_cross_entropy`` on the model's
+  ``prelogits`` and ``output_embedding()`` (the logits are never materialised);
+- ``torch eager``: ``loss = model(**batch, labels=labels).loss; loss.backward(); AdamW.step()``
+  (``attn_implementation="sdpa"``, the fastest eager attention);
+- ``torch.compile``: the same with ``torch.compile(model)`` (with ``--compile``: it works
+  offline here but compiling takes minutes per model on 2 cores).
+
+Dropout is 0 on both sides (the step's arithmetic is what is compared). BERT runs masked-LM
+(15% of tokens predicted, tied head over the 30522-token vocabulary); GPT-2 runs causal LM.
+Each time is the fastest of ``--repeats`` steps after a warm-up step, the candidates' steps
+interleaved so that a shared machine's changing load hits them alike; tokens/s is
+``batch * seq / time``.
+
+    python -m benchmarks.bench_train_step                # 8 x 128, saves benchmarks/results/train_step.json
+    python -m benchmarks.bench_train_step --compile      # also torch.compile (several minutes more)
+    python -m benchmarks.bench_train_step --quick        # tiny models, a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from functools import partial
+from typing import Any, Callable
+
+from benchmarks._harness import format_table, save_json, time_call
+
+
+def _configs(quick: bool) -> dict[str, Any]:
+    import transformers
+
+    if quick:
+        bert = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+        gpt2 = dict(vocab_size=1000, n_embd=64, n_layer=2, n_head=4)
+    else:  # bert-base-uncased and gpt2 (small) shapes
+        bert = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072)
+        gpt2 = dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12)
+    return {
+        "bert-base (MLM)": (transformers.BertForMaskedLM,
+                            transformers.BertConfig(**bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+        "gpt2-small (causal LM)": (transformers.GPT2LMHeadModel,
+                                   transformers.GPT2Config(**gpt2, n_positions=1024, embd_pdrop=0.0, resid_pdrop=0.0,
+                                                           attn_pdrop=0.0)),
+    }
+
+
+def _batch(kind: str, vocab: int, batch: int, seq: int) -> dict[str, Any]:
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, vocab, (batch, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    if kind.startswith("bert"):
+        labels = np.where(rng.rand(batch, seq) < 0.15, ids, -100)
+    else:
+        labels = ids.copy()
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _jax_step(folder: str, data: dict[str, Any], dtype: str, fused: bool = False) -> Callable[[], Any]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import jaxloss
+    from train.models import load_pretrained
+
+    model = load_pretrained(folder, dtype=dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    opt_state = tx.init(params)
+    causal = "bert" not in type(model).__name__.lower()
+
+    def loss_fn(params: Any, batch: dict[str, Any]) -> Any:
+        m = nnx.merge(graphdef, params, rest)
+        # Next-token targets: labels shifted left, -100 after the last token (Hugging Face's
+        # ForCausalLMLoss does the same, which avoids slicing the logits).
+        targets = batch["targets"] if causal else batch["labels"]
+        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], compute_logits=not fused)
+        if not fused:
+            return jaxloss.cross_entropy(out.logits, targets)
+        head = m.output_embedding()
+        h = out.prelogits.reshape(-1, out.prelogits.shape[-1])
+        return jaxloss.linear_cross_entropy(h, head.weight, targets.reshape(-1), bias=head.bias,
+                                            weight_layout=head.layout)
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(params: Any, opt_state: Any, batch: dict[str, Any]) -> Any:
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in data.items()}
+    batch["targets"] = jnp.concatenate([batch["labels"][:, 1:], jnp.full_like(batch["labels"][:, :1], -100)], axis=1)
+    state = {"params": params, "opt": opt_state}
+
+    def run() -> Any:
+        state["params"], state["opt"], loss = step(state["params"], state["opt"], batch)
+        return jax.block_until_ready(loss)
+
+    return run
+
+
+def _torch_step(torch_cls: Any, folder: str, data: dict[str, Any], compiled: bool) -> Callable[[], Any]:
+    import torch
+
+    model = torch_cls.from_pretrained(folder, attn_implementation="sdpa").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    forward = torch.compile(model) if compiled else model
+    batch = {k: torch.as_tensor(v) for k, v in data.items()}
+
+    def run() -> Any:
+        opt.zero_grad(set_to_none=True)
+        loss = forward(**batch).loss
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return run
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    rows = []
+    for name, (torch_cls, config) in _configs(args.quick).items():
+        if args.models and not any(name.startswith(m) for m in args.models.split(",")):
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            torch.manual_seed(0)
+            torch_cls(config).save_pretrained(folder)
+            data = _batch(name, config.vocab_size, args.batch, args.seq)
+            tokens = args.batch * args.seq
+            candidates: list[tuple[str, Callable[[], Callable[[], Any]]]] = [
+                ("jax", lambda: _jax_step(folder, data, "float32")),
+                ("torch eager", lambda: _torch_step(torch_cls, folder, data, compiled=False)),
+            ]
+            if args.fused:
+                candidates.insert(1, ("jax fused loss", lambda: _jax_step(folder, data, "float32", fused=True)))
+            if args.bf16:
+                candidates.insert(1, ("jax bf16", lambda: _jax_step(folder, data, "bfloat16")))
+            if args.compile:
+                candidates.append(("torch.compile", lambda: _torch_step(torch_cls, folder, data, compiled=True)))
+            steps: dict[str, Callable[[], Any]] = {}
+            setups: dict[str, float] = {}
+            first_loss: dict[str, float] = {}
+            for impl, build in candidates:
+                start = time.perf_counter()
+                try:
+                    fn = build()
+                    first_loss[impl] = float(fn())  # compile / warm up; same weights and batch: same loss
+                except Exception as e:  # torch.compile may be unavailable offline
+                    print(f"{name} / {impl}: failed ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
+                    continue
+                steps[impl], setups[impl] = fn, time.perf_counter() - start
+            # Interleaved repeats: on a shared machine a load change hits every candidate alike.
+            results = {impl: float("inf") for impl in steps}
+            for _ in range(args.repeats):
+                for impl, fn in steps.items():
+                    results[impl] = min(results[impl], time_call(fn, repeats=1, warmup=0))
+            for impl, seconds in results.items():
+                print(f"{name} / {impl}: {seconds:.3f} s/step (setup + first step {setups[impl]:.1f} s, "
+                      f"first loss {first_loss[impl]:.6f})", file=sys.stderr)
+                rows.append({"model": name, "impl": impl, "seconds_per_step": seconds, "tokens_per_second": tokens / seconds,
+                             "setup_seconds": setups[impl], "first_step_loss": first_loss[impl]})
+            del steps
+            base = results.get("torch eager")
+            for row in rows:
+                if row["model"] == name:
+                    row["speedup_vs_torch_eager"] = base / row["seconds_per_step"] if base else None
+    return {"batch": args.batch, "seq": args.seq, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+            "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default="", help="comma-separated prefixes, e.g. 'gpt2' (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny models (a smoke test); not saved by default")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile (its compilation takes minutes per model on 2 cores)")
+    parser.add_argument("--no-fused", dest="fused", action="store_false",
+                        help="skip the row with jaxloss.linear_cross_entropy on the hidden states")
+    parser.add_argument("--bf16", action="store_true", help="also time JAX with bfloat16 compute")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step.json)")
+    args = parser.parse_args(argv)
+    result = measure(args)
+    headers = ["model", "impl", "s/step", "tokens/s", "first loss", "vs torch eager"]
+    table = [[r["model"], r["impl"], r["seconds_per_step"], r["tokens_per_second"], f"{r['first_step_loss']:.5f}",
+              "-" if r.get("speedup_vs_torch_eager") is None else f"{r['speedup_vs_torch_eager']:.2f}x"]
+             for r in result["rows"]]
+    print(f"train step, batch {args.batch} x {args.seq} tokens, fastest of {args.repeats}")
+    print(format_table(headers, table))
+    if not args.quick or args.out:
+        path = save_json("train_step" if not args.quick else "train_step_quick", result, args.out)
+        print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""BERT encoders and heads against Hugging Face's PyTorch models: logits, loss and every gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import jaxloss  # noqa: E402
+from train.models import BertMultiTask, load_multitask, load_pretrained, save_pretrained  # noqa: E402
+from train.models.torch_parity import compare  # noqa: E402
+
+V, B, T = 99, 3, 9
+
+
+def _config(**kw):
+    kw = {"num_hidden_layers": 1, **kw}
+    return transformers.BertConfig(vocab_size=V, hidden_size=32, num_attention_heads=4,
+                                   intermediate_size=37, max_position_embeddings=64, attn_implementation="eager", **kw)
+
+
+def _batch(seed=0):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(1, V, (B, T)).astype(np.int64)
+    mask = np.ones((B, T), np.int64)
+    mask[1, 6:] = 0
+    mask[2, 4:] = 0
+    ids[mask == 0] = 0
+    types = np.zeros((B, T), np.int64)
+    types[:, 3:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, mask
+
+
+def _saved(torch_cls, tmp_path, **cfg):
+    torch.manual_seed(0)
+    pt = torch_cls(_config(**cfg)).eval()
+    pt.save_pretrained(tmp_path)
+    return pt, load_pretrained(tmp_path)
+
+
+def _check(report, *, logit_tol=1e-4):
+    assert report.max_logit_error <= logit_tol
+    assert report.loss_rel_error <= 1e-5, (report.loss, report.torch_loss)
+    if report.model_loss is not None:  # the head's own loss from labels=
+        assert abs(report.model_loss - report.torch_loss) <= 1e-5 * abs(report.torch_loss)
+    assert not report.missing_grads and not report.extra_grads, (report.missing_grads, report.extra_grads)
+    worst = max(report.grad_rel_errors, key=report.grad_rel_errors.get)
+    assert report.max_grad_rel_error <= 1e-4, (worst, report.grad_rel_errors[worst])
+
+
+@pytest.mark.slow
+def test_sequence_classification(tmp_path):
+    pt, model = _saved(transformers.BertForSequenceClassification, tmp_path, num_labels=3, num_hidden_layers=2)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    batch, _ = _batch()
+    labels = np.array([0, 2, 1])
+    report = compare(pt, model, batch, labels, lambda o: jaxloss.cross_entropy(o.logits, jnp.asarray(labels)),
+                     model_labels=True)
+    _check(report)
+
+
+@pytest.mark.slow
+def test_regression(tmp_path):
+    pt, model = _saved(transformers.BertForSequenceClassification, tmp_path, num_labels=1, problem_type="regression")
+    batch, _ = _batch(1)
+    labels = np.array([0.5, -1.0, 2.0], np.float32)
+    report = compare(pt, model, batch, labels, lambda o: jaxloss.mse_loss(o.logits[:, 0], jnp.asarray(labels)),
+                     model_labels=True)
+    _check(report)
+
+
+@pytest.mark.slow
+def test_token_classification(tmp_path):
+    pt, model = _saved(transformers.BertForTokenClassification, tmp_path, num_labels=5)
+    batch, mask = _batch(2)
+    labels = np.random.RandomState(3).randint(0, 5, (B, T)).astype(np.int64)
+    labels[mask == 0] = -100
+    labels[0, 0] = -100
+    report = compare(pt, model, batch, labels, lambda o: jaxloss.cross_entropy(o.logits, jnp.asarray(labels)),
+                     logits_where=mask[..., None] == 1, model_labels=True)
+    _check(report)
+
+
+@pytest.mark.slow
+def test_masked_lm_tied_to_embeddings(tmp_path):
+    pt, model = _saved(transformers.BertForMaskedLM, tmp_path)
+    batch, mask = _batch(4)
+    rng = np.random.RandomState(5)
+    labels = np.where((rng.rand(B, T) < 0.4) & (mask == 1), batch["input_ids"], -100)
+    labels[0, 1] = batch["input_ids"][0, 1]
+    report = compare(pt, model, batch, labels, lambda o: jaxloss.cross_entropy(o.logits, jnp.asarray(labels)),
+                     logits_where=mask[..., None] == 1, model_labels=True)
+    _check(report)
+    # the output embedding is the word-embedding table, and logits = prelogits @ W^T + b
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    out, emb = nnx.jit(lambda m, b: (m(**b), m.output_embedding()))(model, jb)
+    assert emb.layout == "vd" and emb.weight.shape == (V, 32)
+    np.testing.assert_array_equal(np.asarray(emb.weight), pt.bert.embeddings.word_embeddings.weight.detach().numpy())
+    np.testing.assert_allclose(np.asarray(emb.logits(out.prelogits)), np.asarray(out.logits), atol=1e-5)
+    assert nnx.eval_shape(lambda m: m(**jb, compute_logits=False), model).logits is None
+
+
+@pytest.mark.slow
+def test_save_pretrained_round_trip_loads_in_transformers(tmp_path):
+    pt, model = _saved(transformers.BertForMaskedLM, tmp_path / "a")
+    save_pretrained(model, tmp_path / "b")
+    back = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "b", attn_implementation="eager").eval()
+    assert type(back).__name__ == "BertForMaskedLM"
+    original = pt.state_dict()
+    for name, tensor in back.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    batch, _ = _batch()
+    with torch.no_grad():
+        a = pt(**{k: torch.as_tensor(v) for k, v in batch.items()}).logits
+        b = back(**{k: torch.as_tensor(v) for k, v in batch.items()}).logits
+    assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_multitask_trunk_and_heads(tmp_path):
+    pt, _ = _saved(transformers.BertForMaskedLM, tmp_path)
+    heads = {"ner": ("token_classification", 5), "sentiment": ("sequence_classification", 2),
+             "similarity": ("regression", 1), "mlm": ("mlm", 0)}
+    model = load_multitask(tmp_path, heads)
+    assert isinstance(model, BertMultiTask)
+    batch, mask = _batch()
+    outs = nnx.jit(lambda m, b: m(**b))(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert {k: v.logits.shape for k, v in outs.items()} == {
+        "mlm": (B, T, V), "ner": (B, T, 5), "sentiment": (B, 2), "similarity": (B, 1)}
+    # the shared trunk and the MLM head are the checkpoint's
+    with torch.no_grad():
+        t_logits = pt(**{k: torch.as_tensor(v) for k, v in batch.items()}).logits.numpy()
+    err = np.abs(np.asarray(outs["mlm"].logits) - t_logits)[mask == 1].max()
+    assert err <= 1e-4
+    # one composite loss over all heads differentiates through the shared trunk
+
+    def total(m):
+        o = m(**batch)
+        return (jaxloss.cross_entropy(o["ner"].logits, jnp.zeros((B, T), jnp.int32))
+                + jaxloss.cross_entropy(o["sentiment"].logits, jnp.array([0, 1, 0]))
+                + jaxloss.mse_loss(o["similarity"].logits[:, 0], jnp.ones((B,), jnp.float32)))
+
+    grads = nnx.jit(nnx.grad(total))(model)
+    assert float(jnp.abs(grads["bert"]["embeddings"]["word"]["embedding"][...]).sum()) > 0
+    assert float(jnp.abs(grads["heads"]["mlm"]["bias"][...]).sum()) == 0.0
