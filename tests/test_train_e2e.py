@@ -166,3 +166,25 @@ def test_fused_loss_equals_unfused(tmp_path, task):
         records = _train(tmp_path / fused, task, *data, "--fused-loss", fused, "--tokenizer", str(tokenizer))
         losses[fused] = [r["train/loss"] for r in records if "train/loss" in r]
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=2e-5)
+
+
+def test_fine_tune_a_hugging_face_checkpoint(tmp_path):
+    """--model: a PyTorch BERT checkpoint (masked-LM) is fine-tuned for NER; the result loads in transformers."""
+    import torch
+    from transformers import AutoModelForTokenClassification, BertConfig, BertForMaskedLM
+
+    from train.data.tokenization import train_tokenizer
+
+    train_file = _ner_data(tmp_path, 160, 0)
+    checkpoint = tmp_path / "bert"
+    tokenizer = train_tokenizer([line.split("\t")[0] for line in Path(train_file).read_text().splitlines() if line],
+                                kind="wordpiece", vocab_size=200, save_dir=checkpoint)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(checkpoint)
+    records = _train(tmp_path, "ner", "--model", str(checkpoint), "--train-file", train_file,
+                     "--eval-file", _ner_data(tmp_path, 32, 1), "--max-steps", "40")
+    first, last = _first_last(records, "train/loss")
+    assert last < first
+    reloaded = AutoModelForTokenClassification.from_pretrained(str(tmp_path / "run_ner" / "model"))
+    assert reloaded.config.id2label[0] == "O" and reloaded.num_labels == 3  # O, B-LOC, B-PER
