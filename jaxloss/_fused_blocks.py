@@ -51,6 +51,15 @@ class Chunks(NamedTuple):
         """``(size,)`` mask of the chunk's items not covered by an earlier chunk."""
         return self.start(k) + jnp.arange(self.size) >= k * self.size
 
+    def order(self) -> Array:
+        """Chunk indices with the last (clamped) chunk first: ``[count - 1, 0, 1, ..., count - 2]``.
+
+        Walked in this order, a loop can write each chunk's results whole (0 for items that
+        are not fresh): the chunk that covers those items again comes later and overwrites
+        them, so no write has to read the buffer back.
+        """
+        return jnp.roll(jnp.arange(self.count), 1)
+
 
 def make_chunks(total: int, size: int) -> Chunks:
     """Chunks of at most ``size`` (at least 1) items over ``total`` items."""
@@ -81,28 +90,49 @@ def dot(a: Array, b: Array, contract_b: int) -> Array:
 
 
 def _bits(x: Array) -> Array:
-    """16-bit floats viewed as ``uint16``.
+    """16-bit floats viewed as ``uint16`` (other arrays unchanged).
 
-    XLA:CPU upcasts a bf16 ``dynamic_slice`` / ``dynamic_update_slice`` to float32, and
-    hoists that convert out of the loop: a float32 copy of the whole weight. Slicing the
-    bit pattern instead keeps every big buffer in its own dtype.
+    XLA:CPU computes a 16-bit float ``slice`` / ``dynamic_slice`` / ``dynamic_update_slice``
+    in float32 (``float-normalization``), and then converts the whole source array once,
+    outside the loop: a float32 copy of the whole weight. Moving the bit pattern instead
+    keeps every big buffer in its own dtype.
     """
-    if jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
-        return jax.lax.bitcast_convert_type(x, jnp.uint16)
-    return x
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if _is_16bit_float(x) else x
 
 
 def _from_bits(x: Array, dtype: jnp.dtype) -> Array:
     return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
+def _is_16bit_float(x: Array) -> bool:
+    return jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def dynamic_slice(x: Array, start: Array, size: int, axis: int) -> Array:
-    """``x[start:start + size]`` along ``axis`` (in the bit domain for 16-bit floats)."""
+    """``x[start:start + size]`` along ``axis``; only the slice is read.
+
+    A 16-bit float array is sliced as its bit pattern, and the barrier ties the array to
+    the (loop-dependent) start: otherwise XLA hoists the loop-invariant bit view of the
+    whole array out of the loop, where it is a full copy.
+    """
+    x, start = _tie(x, start)
     return _from_bits(jax.lax.dynamic_slice_in_dim(_bits(x), start, size, axis=axis), x.dtype)
 
 
+def _tie(x: Array, start: Array) -> tuple[Array, Array]:
+    """``(x, start)`` behind a barrier for a 16-bit float ``x`` (see :func:`dynamic_slice`)."""
+    return jax.lax.optimization_barrier((x, start)) if _is_16bit_float(x) else (x, start)
+
+
 def dynamic_update(x: Array, update: Array, start: Array, axis: int) -> Array:
-    """``x`` with ``update`` written at ``start`` along ``axis`` (in the bit domain for 16-bit floats)."""
+    """``x`` with ``update`` (cast to ``x.dtype``) written at ``start`` along ``axis``, in place.
+
+    A 16-bit float buffer is updated as its bit pattern and stays in its own dtype, so a
+    loop-carried gradient buffer is already the final output (no conversion copy at the end).
+    XLA:CPU runs that bit-level update as one in-place pass over the whole buffer, cheap next
+    to the matmuls that produce each slice. The loop must not read the buffer otherwise
+    (a second reader makes XLA copy it): see :meth:`Chunks.order`.
+    """
     new = jax.lax.dynamic_update_slice_in_dim(_bits(x), _bits(update.astype(x.dtype)), start, axis=axis)
     return _from_bits(new, x.dtype)
 
@@ -132,6 +162,11 @@ def tile_logits(h: Array, w_cols: Array, b_cols: Array | None, layout: str, soft
     cap = jnp.asarray(softcap, z.dtype)
     t = jnp.tanh(z / cap)
     return cap * t, t
+
+
+def softcap_tanh(x: Array, softcap: float | None) -> Array | None:
+    """``tanh(z / cap)`` recovered from capped logits ``x = cap tanh(z / cap)`` (``None`` without a cap)."""
+    return None if softcap is None else x / jnp.asarray(softcap, x.dtype)
 
 
 class TileStats(NamedTuple):
@@ -197,7 +232,7 @@ class Masks(NamedTuple):
 
 def tile_masks(col_start: Array, col_fresh: Array, local_targets: Array, class_weight: Array) -> Masks:
     """Masks of a tile whose columns start at ``col_start`` (``local_targets`` index this device's vocabulary)."""
-    cols = col_start + jnp.arange(col_fresh.shape[0], dtype=local_targets.dtype)
+    cols = col_start.astype(local_targets.dtype) + jnp.arange(col_fresh.shape[0], dtype=local_targets.dtype)
     hit = (cols[None, :] == local_targets[:, None]) & col_fresh[None, :]
     col_weight = jnp.where(col_fresh, class_weight, jnp.zeros((), class_weight.dtype))
     return Masks(col_fresh, hit, col_weight)
@@ -231,34 +266,38 @@ def take_rows(x: Array, start: Array, size: int) -> Array:
     return dynamic_slice(x, start, size, 0)
 
 
-def to_bits(x: Array) -> Array:
-    """A buffer for :func:`put_rows` / :func:`put_weight_columns`: 16-bit floats as their bit pattern.
+def add_rows(buffer: Array, start: Array, rows: Array) -> Array:
+    """``buffer[start:start + len(rows)] += rows``, in place."""
+    return dynamic_update(buffer, take_rows(buffer, start, rows.shape[0]) + rows, start, 0)
 
-    Loop-carried 16-bit float buffers updated in place must stay integers inside the loop
-    (see :func:`_bits`); :func:`from_bits` turns the finished buffer back.
+
+def add_columns(buffer: Array, start: Array, cols: Array) -> Array:
+    """``buffer[..., start:start + cols.shape[-1]] += cols`` (last axis), in place."""
+    axis = buffer.ndim - 1
+    return dynamic_update(buffer, dynamic_slice(buffer, start, cols.shape[-1], axis) + cols, start, axis)
+
+
+def add_weight_columns(buffer: Array, layout: str, start: Array, h: Array, h_t: Array | None, dz: Array) -> Array:
+    """Adds the weight gradient ``h^T dz`` of the vocabulary slice at ``start`` to ``buffer``, in place.
+
+    ``buffer`` is ``(D, V)`` (``"dv"``; ``h_t`` is ``h`` transposed) or ``(V, D)`` (``"vd"``,
+    where the slice is ``dz^T h``); each product has its left operand's contracting axis last.
     """
-    return _bits(x)
-
-
-def from_bits(x: Array, dtype: jnp.dtype) -> Array:
-    return _from_bits(x, jnp.dtype(dtype))
-
-
-def _put(buffer: Array, start: Array, values: Array, fresh: Array, axis: int, dtype: jnp.dtype) -> Array:
-    """Writes ``values`` (as ``dtype``) at ``start`` along ``axis`` of a :func:`to_bits` buffer, keeping the old contents where ``fresh`` is False."""
-    old = jax.lax.dynamic_slice_in_dim(buffer, start, values.shape[axis], axis=axis)
-    keep = jnp.expand_dims(fresh, [a for a in range(values.ndim) if a != axis])
-    new = jnp.where(keep, _bits(values.astype(dtype)), old)
-    return jax.lax.dynamic_update_slice_in_dim(buffer, new, start, axis=axis)
-
-
-def put_rows(buffer: Array, start: Array, rows: Array, fresh: Array, dtype: jnp.dtype) -> Array:
-    """Writes ``rows`` at ``start``, keeping the old contents where ``fresh`` is False."""
-    return _put(buffer, start, rows, fresh, 0, dtype)
-
-
-def put_weight_columns(buffer: Array, layout: str, start: Array, grad_t: Array, fresh: Array, dtype: jnp.dtype) -> Array:
-    """Writes a ``(D, v)`` weight-gradient slice into ``buffer`` (``(D, V)`` or ``(V, D)``) at ``start``."""
     if layout == DV:
-        return _put(buffer, start, grad_t, fresh, 1, dtype)
-    return _put(buffer, start, grad_t.T, fresh, 0, dtype)
+        return add_columns(buffer, start, dot(h_t, dz, 0))
+    return add_rows(buffer, start, dot(transposed(dz), h, 0))
+
+
+def put_rows(buffer: Array, start: Array, rows: Array) -> Array:
+    """Writes ``rows`` at ``start`` (in ``buffer``'s dtype), in place; walk the chunks in :meth:`Chunks.order`."""
+    return dynamic_update(buffer, rows, start, 0)
+
+
+def put_weight_columns(buffer: Array, layout: str, start: Array, grad_t: Array) -> Array:
+    """Writes a ``(D, v)`` weight-gradient slice into ``buffer`` (``(D, V)`` or ``(V, D)``) at ``start``, in place.
+
+    Walk the vocabulary chunks in :meth:`Chunks.order`.
+    """
+    if layout == DV:
+        return dynamic_update(buffer, grad_t, start, 1)
+    return dynamic_update(buffer, grad_t.T, start, 0)

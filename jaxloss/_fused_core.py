@@ -54,6 +54,7 @@ class Plan(NamedTuple):
     vocab_axes: tuple[str, ...]
     diff_vma: tuple[str, ...]  # axes along which tiles (and the differentiable inputs) vary
     row_vma: tuple[str, ...]  # axes along which per-token results vary
+    grad_dtypes: tuple[jnp.dtype, jnp.dtype | None]  # dtypes of the weight and bias (and of their gradients)
 
 
 class Side(NamedTuple):
@@ -92,27 +93,17 @@ class _Rows(NamedTuple):
     scale: Array
 
 
-def _rows(side: Side, tokens: blk.Chunks, k: Array) -> tuple[Array, Array, _Rows]:
+def _rows(side: Side, tokens: blk.Chunks, k: Array) -> tuple[Array, _Rows]:
     start, fresh = tokens.start(k), tokens.fresh(k)
     take = partial(blk.take_rows, start=start, size=tokens.size)
     rows = _Rows(take(side.local_targets), fresh & take(side.keep), take(side.target_weight), take(side.scale))
-    return start, fresh, rows
+    return start, rows
 
 
 def _hidden_rows(h: Array, start: Array, size: int, live: Array, dtype: jnp.dtype) -> Array:
     """Hidden rows of a chunk, 0 where not live (so NaN in skipped rows cannot leak)."""
     rows = blk.take_rows(h, start, size).astype(dtype)
     return jnp.where(live[:, None], rows, jnp.zeros((), dtype))
-
-
-def _hidden_columns(h_t: Array, start: Array, size: int, live: Array, dtype: jnp.dtype) -> Array:
-    """The same rows from the transposed hidden ``(D, N)``, as ``(D, size)``: the left operand of ``h^T dz``.
-
-    Slicing a transposed copy made once keeps that matmul in the fast layout (contracting
-    axis last); ``rows.T`` inside the loop would be folded into a slow transposed matmul.
-    """
-    cols = blk.dynamic_slice(h_t, start, size, 1).astype(dtype)
-    return jnp.where(live[None, :], cols, jnp.zeros((), dtype))
 
 
 def _row_losses(stats: blk.TileStats, rows: _Rows, side: Side, plan: Plan) -> tuple[Array, Array]:
@@ -142,52 +133,77 @@ def _grad_contract(layout: str) -> int:
     return 1 if layout == blk.DV else 0
 
 
-def _weight_grad(dwt: Array, layout: str, dtype: jnp.dtype) -> Array:
-    return (dwt if layout == blk.DV else dwt.T).astype(dtype)
+def _column_slices(plan: Plan, w: Array, b: Array | None, side: Side, c: Array):
+    vocab, v = plan.vocab, plan.vocab.size
+    start, fresh = vocab.start(c), vocab.fresh(c)
+    w_cols = blk.weight_columns(w, plan.layout, start, v)
+    b_cols = None if b is None else blk.dynamic_slice(b, start, v, 0)
+    cw = blk.dynamic_slice(side.class_weight, start, v, 0)
+    return start, fresh, w_cols, b_cols, cw
 
 
 # --------------------------------------------------------------------------- fused_total
 
 
 def _fused_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side):
-    """``(sum_i scale_i l_i, (d/dh, d/dW, d/db))`` in one walk over token chunks."""
+    """``(sum_i scale_i l_i, (d/dh, d/dW, d/db))`` in one walk over token chunks.
+
+    Per token chunk: the logits against the whole vocabulary (the one full-width float32
+    tile) and their statistics, then a walk over vocabulary slices that turns each slice of
+    the tile into its logits gradient and adds its share to the hidden rows' gradient and,
+    in place, to the float32 weight-gradient accumulator (in the weight's layout). Adding
+    slice by slice matters: a matmul's result is a new buffer on XLA:CPU, so one
+    weight-sized product per chunk would double the accumulator's memory. The hidden
+    gradient comes back in its dtype, the weight and bias gradients in float32, for the
+    backward pass to scale and round once.
+    """
     tokens, n = plan.tokens, plan.tokens.size
-    num_vocab = plan.vocab.total
+    num_vocab, v = plan.vocab.total, plan.vocab.size
     mm = w.dtype
     acc = blk.accumulation_dtype(mm)
     cols = jnp.arange(num_vocab, dtype=side.local_targets.dtype)
-    every_col = jnp.ones((num_vocab,), jnp.bool_)
+    d = h.shape[1]
 
     def body(carry, k):
-        dh, dwt, db, total = carry
-        start, fresh, rows = _rows(side, tokens, k)
+        dh, dw, db, total = carry
+        start, rows = _rows(side, tokens, k)
         hb = _hidden_rows(h, start, n, rows.live, mm)
-        x, tanh_z = blk.tile_logits(hb, w, b, plan.layout, plan.softcap)
-        masks = blk.Masks(every_col, cols[None, :] == rows.local_targets[:, None], side.class_weight)
-        stats = blk.tile_stats(x, masks.hit, masks.col_weight, plan.smoothing)
-        stats = blk.psum_stats(stats, plan.vocab_axes)
+        x, _ = blk.tile_logits(hb, w, b, plan.layout, plan.softcap)
+        hit = cols[None, :] == rows.local_targets[:, None]
+        stats = blk.psum_stats(blk.tile_stats(x, hit, side.class_weight, plan.smoothing), plan.vocab_axes)
         loss, lse = _row_losses(stats, rows, side, plan)
         total = total + jnp.sum(rows.scale * loss)
         coef = _coefficients(lse, rows.scale, rows, side, plan)
-        dz = blk.tile_grad(x, tanh_z, masks, lse, coef, plan.smoothing)
-        dz_mm = dz.astype(mm)
-        dh = blk.put_rows(dh, start, blk.dot(dz_mm, w, _grad_contract(plan.layout)), fresh, h.dtype)
-        dwt = dwt + blk.dot(_hidden_columns(h_t, start, n, rows.live, mm), dz_mm, 0)
-        if db is not None:
-            db = db + jnp.sum(dz, axis=0)
-        return (dh, dwt, db, total), None
+        hb_t = blk.transposed(hb) if plan.layout == blk.DV else None
 
-    d = h.shape[1]
-    h_t = blk.transposed(h)
+        def slice_body(inner, c):
+            dh_rows, dw, db = inner
+            c_start, c_fresh, w_cols, _, cw = _column_slices(plan, w, None, side, c)
+            xs = blk.dynamic_slice(x, c_start, v, 1)
+            masks = blk.tile_masks(c_start, c_fresh, rows.local_targets, cw)
+            dz = blk.tile_grad(blk.mask_columns(xs, masks.cols), blk.softcap_tanh(xs, plan.softcap), masks, lse, coef,
+                               plan.smoothing)
+            dz_mm = dz.astype(mm)
+            # Columns covered twice have dz = 0 (not fresh), so adding is exact.
+            dh_rows = dh_rows + blk.dot(dz_mm, w_cols, _grad_contract(plan.layout))
+            dw = blk.add_weight_columns(dw, plan.layout, c_start, hb, hb_t, dz_mm)
+            if db is not None:
+                db = blk.add_columns(db, c_start, jnp.sum(dz, axis=0))
+            return (dh_rows, dw, db), None
+
+        inner = (_zeros((n, d), acc, plan.diff_vma), dw, db)
+        (dh_rows, dw, db), _ = jax.lax.scan(slice_body, inner, jnp.arange(plan.vocab.count))
+        dh = blk.put_rows(dh, start, dh_rows)
+        return (dh, dw, db, total), None
+
     init = (
-        blk.to_bits(_zeros(h.shape, h.dtype, plan.diff_vma)),
-        _zeros((d, num_vocab), acc, plan.diff_vma),
+        _zeros(h.shape, h.dtype, plan.diff_vma),
+        _zeros(w.shape, acc, plan.diff_vma),
         None if b is None else _zeros((num_vocab,), acc, plan.diff_vma),
         _zeros((), acc, plan.row_vma),
     )
-    (dh, dwt, db, total), _ = jax.lax.scan(body, init, jnp.arange(tokens.count))
-    grads = (blk.from_bits(dh, h.dtype), _weight_grad(dwt, plan.layout, w.dtype), None if b is None else db.astype(b.dtype))
-    return total, grads
+    (dh, dw, db, total), _ = jax.lax.scan(body, init, tokens.order())
+    return total, (dh, dw, db)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -204,30 +220,21 @@ def _fused_total_fwd(plan, h, w, b, side):
     return _fused_pass(plan, h, w, b, side)
 
 
-def _scaled(x: Array | None, g: Array) -> Array | None:
-    if x is None:
-        return None
-    return (x.astype(blk.accumulation_dtype(x.dtype, g.dtype)) * g).astype(x.dtype)
+def _scaled(x: Array, g: Array, dtype: jnp.dtype) -> Array:
+    """``x * g`` rounded once to ``dtype`` (an elementwise op: it may reuse ``x``'s buffer)."""
+    return (x.astype(blk.accumulation_dtype(x.dtype, g.dtype)) * g).astype(dtype)
 
 
-def _fused_total_bwd(plan, grads, g):
-    dh, dw, db = grads
-    return _scaled(dh, g), _scaled(dw, g), _scaled(db, g), None
+def _fused_total_bwd(plan, residuals, g):
+    dh, dw, db = residuals
+    w_dtype, b_dtype = plan.grad_dtypes
+    return _scaled(dh, g, dh.dtype), _scaled(dw, g, w_dtype), None if db is None else _scaled(db, g, b_dtype), None
 
 
 fused_total.defvjp(_fused_total_fwd, _fused_total_bwd)
 
 
 # --------------------------------------------------------------------------- token_losses
-
-
-def _column_slices(plan: Plan, w: Array, b: Array | None, side: Side, c: Array):
-    vocab, v = plan.vocab, plan.vocab.size
-    start, fresh = vocab.start(c), vocab.fresh(c)
-    w_cols = blk.weight_columns(w, plan.layout, start, v)
-    b_cols = None if b is None else blk.dynamic_slice(b, start, v, 0)
-    cw = blk.dynamic_slice(side.class_weight, start, v, 0)
-    return start, fresh, w_cols, b_cols, cw
 
 
 def _stats_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side) -> tuple[Array, Array]:
@@ -237,7 +244,7 @@ def _stats_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side) -> 
 
     def token_body(carry, k):
         losses, lses = carry
-        start, fresh, rows = _rows(side, tokens, k)
+        start, rows = _rows(side, tokens, k)
         hb = _hidden_rows(h, start, n, rows.live, w.dtype)
 
         def vocab_body(stats, c):
@@ -251,19 +258,24 @@ def _stats_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side) -> 
         stats, _ = jax.lax.scan(vocab_body, empty, jnp.arange(plan.vocab.count))
         stats = blk.psum_stats(stats, plan.vocab_axes)
         loss, lse = _row_losses(stats, rows, side, plan)
-        return (blk.put_rows(losses, start, loss, fresh, acc), blk.put_rows(lses, start, lse, fresh, acc)), None
+        return (blk.put_rows(losses, start, loss), blk.put_rows(lses, start, lse)), None
 
     init = (_zeros((tokens.total,), acc, plan.row_vma), _zeros((tokens.total,), acc, plan.row_vma))
-    (losses, lses), _ = jax.lax.scan(token_body, init, jnp.arange(tokens.count))
+    (losses, lses), _ = jax.lax.scan(token_body, init, tokens.order())
     return losses, lses
 
 
 def _grad_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side, lses: Array, g: Array):
-    """``(d/dh, d/dW, d/db)`` for per-token cotangents ``g``: vocabulary chunks outside, token chunks inside."""
+    """``(d/dh, d/dW, d/db)`` for per-token cotangents ``g``: vocabulary chunks outside, token chunks inside.
+
+    Each vocabulary chunk's weight (and bias) gradient is finished in a float32 ``(D, v)``
+    buffer and written once, in the weight's dtype, into the output buffer carried through
+    the loop; the hidden gradient accumulates in float32 over the vocabulary chunks.
+    """
     tokens, n, v = plan.tokens, plan.tokens.size, plan.vocab.size
     acc = blk.accumulation_dtype(w.dtype)
     g = g.astype(acc)
-    h_t = blk.transposed(h)
+    d = h.shape[1]
 
     def vocab_body(carry, c):
         dh, dw, db = carry
@@ -271,7 +283,7 @@ def _grad_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side, lses
 
         def token_body(inner, k):
             dh, dwt, dbc = inner
-            start, _, rows = _rows(side, tokens, k)
+            start, rows = _rows(side, tokens, k)
             hb = _hidden_rows(h, start, n, rows.live, w.dtype)
             x, tanh_z = blk.tile_logits(hb, w_cols, b_cols, plan.layout, plan.softcap)
             masks = blk.tile_masks(c_start, c_fresh, rows.local_targets, cw)
@@ -280,28 +292,26 @@ def _grad_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side, lses
             dz = blk.tile_grad(blk.mask_columns(x, masks.cols), tanh_z, masks, lse, coef, plan.smoothing)
             dz_mm = dz.astype(w.dtype)
             # Rows covered twice have live = False, so their dz is 0 and adding is exact.
-            dh_rows = blk.take_rows(dh, start, n) + blk.dot(dz_mm, w_cols, _grad_contract(plan.layout))
-            dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_rows, start, axis=0)
-            dwt = dwt + blk.dot(_hidden_columns(h_t, start, n, rows.live, w.dtype), dz_mm, 0)
+            dh = blk.add_rows(dh, start, blk.dot(dz_mm, w_cols, _grad_contract(plan.layout)))
+            dwt = dwt + blk.dot(blk.transposed(hb), dz_mm, 0)
             if dbc is not None:
                 dbc = dbc + jnp.sum(dz, axis=0)
             return (dh, dwt, dbc), None
 
-        d = h.shape[1]
         inner = (dh, _zeros((d, v), acc, plan.diff_vma), None if b is None else _zeros((v,), acc, plan.diff_vma))
         (dh, dwt, dbc), _ = jax.lax.scan(token_body, inner, jnp.arange(tokens.count))
-        dw = blk.put_weight_columns(dw, plan.layout, c_start, dwt, c_fresh, w.dtype)
+        dw = blk.put_weight_columns(dw, plan.layout, c_start, dwt)
         if db is not None:
-            db = blk.put_rows(db, c_start, dbc, c_fresh, b.dtype)
+            db = blk.put_rows(db, c_start, dbc)
         return (dh, dw, db), None
 
     init = (
         _zeros(h.shape, acc, plan.diff_vma),
-        blk.to_bits(_zeros(w.shape, w.dtype, plan.diff_vma)),
-        None if b is None else blk.to_bits(_zeros(b.shape, b.dtype, plan.diff_vma)),
+        _zeros(w.shape, w.dtype, plan.diff_vma),
+        None if b is None else _zeros(b.shape, b.dtype, plan.diff_vma),
     )
-    (dh, dw, db), _ = jax.lax.scan(vocab_body, init, jnp.arange(plan.vocab.count))
-    return dh.astype(h.dtype), blk.from_bits(dw, w.dtype), None if b is None else blk.from_bits(db, b.dtype)
+    (dh, dw, db), _ = jax.lax.scan(vocab_body, init, plan.vocab.order())
+    return dh.astype(h.dtype), dw, db
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

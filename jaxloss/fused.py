@@ -24,7 +24,11 @@ from jaxloss._reduce import AxisName, SumCount, _axis_tuple, check_mask, check_r
 from jaxloss._validation import as_float_array, check_class_ids, check_fraction, check_nonnegative
 
 LAYOUTS = ("dv", "vd")
-FUSED_TILE_ELEMENTS = 1 << 25  # float32 logits per tile of the fused-gradient strategy (128 MiB)
+# float32 logits per tile of the fused-gradient strategy: 1/FUSED_TILE_FRACTION of its (D, V)
+# weight-gradient accumulator, within [FUSED_TILE_MIN, FUSED_TILE_MAX] elements (32 to 128 MiB).
+FUSED_TILE_FRACTION = 32
+FUSED_TILE_MIN = 1 << 23
+FUSED_TILE_MAX = 1 << 25
 LOW_MEMORY_TOKEN_CHUNK = 1024
 LOW_MEMORY_VOCAB_CHUNK = 4096
 
@@ -69,14 +73,16 @@ def linear_cross_entropy(
     - default, for ``"mean" | "sum" | "sum_count"``: token chunks, each against the whole
       vocabulary; the gradients of ``hidden``, ``weight`` and ``bias`` are formed during the
       forward pass and the backward pass only scales them (three matmuls, the floor).
-      Memory: one float32 ``(token_chunk_size, V)`` tile and a float32 ``(D, V)``
-      weight-gradient accumulator.
+      Memory: a float32 ``(D, V)`` weight-gradient accumulator and one float32
+      ``(token_chunk_size, V)`` logits tile (by default about 1/32 of the accumulator); the
+      hidden gradient is written once per row in its dtype.
     - ``low_memory=True``, and always for ``reduction="none"``: the forward pass keeps
       ``logsumexp`` per token (token chunks x vocabulary chunks, online logsumexp); the
       backward pass recomputes each tile's logits with the vocabulary in the outer loop, so
-      no float32 ``(D, V)`` buffer is ever held (four matmuls). Memory: one float32
-      ``(token_chunk_size, vocab_chunk_size)`` tile, one ``(D, vocab_chunk_size)`` slice
-      and a float32 ``(N, D)`` hidden-gradient accumulator.
+      no float32 ``(D, V)`` buffer is ever held (four matmuls): each vocabulary slice of the
+      weight gradient is finished in float32 and written once, in the weight's dtype, into
+      the output. Memory: one float32 ``(token_chunk_size, vocab_chunk_size)`` tile, float32
+      ``(D, vocab_chunk_size)`` slices and a float32 ``(N, D)`` hidden-gradient accumulator.
 
     16-bit ``hidden`` / ``weight`` are multiplied in their dtype with float32 accumulation;
     gradients accumulate in float32 and are returned in the inputs' dtypes. The loss is
@@ -104,10 +110,13 @@ def linear_cross_entropy(
       logit_softcap: ``kappa > 0`` to cap the logits at ``kappa tanh(z / kappa)`` before the loss.
       class_weight: optional ``(V,)`` per-class weights (PyTorch's ``weight=``).
       low_memory: use the recompute strategy with the vocabulary in the outer loop.
-      token_chunk_size: tokens per tile (default: ``2**25 / V`` rounded down to a power of
-        two in [16, 1024] for the default strategy, 1024 for ``low_memory``).
-      vocab_chunk_size: classes per tile of the recompute strategy (default 4096); the
-        default strategy always takes the whole vocabulary.
+      token_chunk_size: tokens per tile (default 1024 for ``low_memory``; for the default
+        strategy, the rows of a float32 logits tile of ``D * V / 32`` elements clamped to
+        [2**23, 2**25], rounded down to a power of two in [16, 1024]). Smaller chunks save
+        memory; larger ones pass over the ``(D, V)`` accumulator fewer times.
+      vocab_chunk_size: classes per tile of the recompute strategy, and per slice of the
+        default strategy's gradient step (which computes the logits of the whole
+        vocabulary at once); default 4096.
       axis_name: ``shard_map`` axis (or axes) the tokens are split over.
       vocab_axis_name: ``shard_map`` axis (or axes) the vocabulary is split over.
 
@@ -181,7 +190,7 @@ def linear_cross_entropy(
     row_vma = tuple(sorted(union - set(vocab_axes)))
     plan = Plan(
         layout=weight_layout,
-        tokens=blk.make_chunks(h.shape[0], _token_chunk(token_chunk_size, vocab_local, strategy_fused)),
+        tokens=blk.make_chunks(h.shape[0], _token_chunk(token_chunk_size, num_dims, vocab_local, strategy_fused)),
         vocab=blk.make_chunks(vocab_local, _positive(vocab_chunk_size, "vocab_chunk_size", LOW_MEMORY_VOCAB_CHUNK)),
         softcap=softcap,
         smoothing=not _is_static_zero(label_smoothing),
@@ -189,6 +198,7 @@ def linear_cross_entropy(
         vocab_axes=vocab_axes,
         diff_vma=diff_vma,
         row_vma=row_vma,
+        grad_dtypes=(w.dtype, None if bias is None else bias.dtype),
     )
     rows = lambda a: vary(a, row_vma)  # noqa: E731
     side = Side(
@@ -277,10 +287,18 @@ def _positive(value: int | None, name: str, default: int) -> int:
     return int(value)
 
 
-def _token_chunk(size: int | None, vocab: int, fused: bool) -> int:
+def _token_chunk(size: int | None, dims: int, vocab: int, fused: bool) -> int:
+    """Tokens per chunk: the given size, 1024 for ``low_memory``, else sized by the logits tile.
+
+    The fused-gradient strategy holds a float32 ``(D, V)`` accumulator and one float32
+    ``(token_chunk, V)`` logits tile; the tile is kept to about 1/32 of the accumulator (so
+    the accumulator is nearly all its memory), but at least 32 MiB, since every chunk also
+    reads and writes the whole accumulator once. A power of two in [16, 1024].
+    """
     if size is not None or not fused:
         return _positive(size, "token_chunk_size", LOW_MEMORY_TOKEN_CHUNK)
-    rows = max(1, FUSED_TILE_ELEMENTS // max(vocab, 1))
+    tile = min(FUSED_TILE_MAX, max(FUSED_TILE_MIN, dims * vocab // FUSED_TILE_FRACTION))
+    rows = max(1, tile // max(vocab, 1))
     return int(min(1024, max(16, 1 << (rows.bit_length() - 1))))
 
 

@@ -291,3 +291,28 @@ def test_plain_jit_with_named_shardings_equals_one_device(low_memory):
         np.testing.assert_allclose(value, want, rtol=2e-6)
         for got, expected in zip(grads, want_grads):
             np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's buffer assignment")
+def test_compiled_memory_holds_no_extra_weight_sized_buffers():
+    """Forward+backward temporaries (compiled, not run): only the float32 accumulators are large.
+
+    The default strategy holds the float32 ``(D, V)`` weight-gradient accumulator plus a small
+    tile; the recompute strategy holds the float32 ``(N, D)`` hidden-gradient accumulator
+    plus slices, and writes the bf16 weight gradient straight into the output.
+    """
+    n, d, v = 2048, 512, 32768
+    h = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((d, v), jnp.bfloat16)
+    t = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def temp_bytes(**options):
+        loss = lambda h, w, t: linear_cross_entropy(h, w, t, token_chunk_size=32, vocab_chunk_size=1024,  # noqa: E731
+                                                    **options)
+        stats = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w, t).compile().memory_analysis()
+        assert stats.output_size_in_bytes >= 2 * (n * d + d * v)  # the bf16 gradients are outputs
+        return stats.temp_size_in_bytes
+
+    accumulator, weight = 4 * d * v, 2 * d * v
+    assert temp_bytes() <= accumulator + weight // 4
+    assert temp_bytes(low_memory=True) <= 4 * n * d + weight // 4
