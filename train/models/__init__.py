@@ -5,6 +5,7 @@ Public API:
   - :func:`from_config`: a randomly initialised model from a ``transformers`` config.
   - :func:`state_dict`: parameters (or gradients) under PyTorch names and layouts.
   - :func:`generate`: jitted greedy decoding with a key/value cache for the decoders.
+  - :func:`generate_seq2seq`: the same for the BART encoder-decoder.
   - :func:`load_multitask` / :class:`BertMultiTask`: one BERT trunk, several named heads.
   - :mod:`train.models.partitioning`: logical axis names and the rules table to a mesh.
   - :mod:`train.models.layers`: attention, MLP, norms, embeddings, blocks, for new models.
@@ -15,6 +16,7 @@ token_type_ids=..., position_ids=..., labels=...)``, and returns a :class:`Model
 language models expose ``model.output_embedding()`` for fused losses.
 """
 
+from train.models.bart import BartForConditionalGeneration, BartModel, generate_seq2seq
 from train.models.bert import (
     BertForMaskedLM,
     BertForSequenceClassification,
@@ -41,6 +43,8 @@ from train.models.outputs import HFConfig, ModelOutput, OutputEmbedding, Runtime
 
 __all__ = [
     "ARCHITECTURES",
+    "BartForConditionalGeneration",
+    "BartModel",
     "BertForMaskedLM",
     "BertForSequenceClassification",
     "BertForTokenClassification",
@@ -60,6 +64,7 @@ __all__ = [
     "Runtime",
     "from_config",
     "generate",
+    "generate_seq2seq",
     "load_multitask",
     "load_pretrained",
     "load_weights",

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.models import bert, gpt2, llama
+from train.models import bart, bert, gpt2, llama
 from train.models.mapping import TensorMap
 from train.models.outputs import Runtime
 
@@ -53,10 +53,13 @@ ARCHITECTURES: dict[str, type[nnx.Module]] = {
     "GPT2Model": gpt2.GPT2Model,
     "LlamaForCausalLM": llama.LlamaForCausalLM,
     "LlamaModel": llama.LlamaModel,
+    "BartForConditionalGeneration": bart.BartForConditionalGeneration,
+    "BartModel": bart.BartModel,
 }
 #: ``model_type`` -> architecture used when ``config.json`` names none.
-DEFAULT_ARCHITECTURE: dict[str, str] = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
-_MODEL_TYPE = {"Bert": "bert", "GPT2": "gpt2", "Llama": "llama"}
+DEFAULT_ARCHITECTURE: dict[str, str] = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                                         "bart": "BartForConditionalGeneration"}
+_MODEL_TYPE = {"Bert": "bert", "GPT2": "gpt2", "Llama": "llama", "Bart": "bart"}
 
 # Buffers some checkpoints carry that are not parameters.
 _BUFFERS = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
@@ -303,7 +306,7 @@ def load_pretrained(path: str | os.PathLike, architecture: str | None = None, *,
     return model
 
 
-_BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer.", "llama": "model."}
+_BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer.", "llama": "model.", "bart": "model."}
 
 
 def _align_prefix(tensors: dict[str, np.ndarray], wanted: set[str], prefix: str) -> dict[str, np.ndarray]:
