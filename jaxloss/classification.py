@@ -46,6 +46,17 @@ def _counted_mask(targets: Array, ignore_index: int, where: Array | None) -> Arr
     return counted
 
 
+def _class_id_masks(
+    targets: Array, num_classes: int, ignore_index: int, where: Array | None, validate: bool
+) -> tuple[Array, Array, Array]:
+    """Which elements count, which class ids are in range, and ids safe to index with (0 elsewhere)."""
+    counted = _counted_mask(targets, ignore_index, check_mask(where, targets.shape))
+    if validate:
+        check_class_ids(targets, num_classes, counted)
+    in_range = (targets >= 0) & (targets < num_classes)
+    return counted, in_range, jnp.where(counted & in_range, targets, 0)
+
+
 def _integer_targets(targets: Any, batch_shape: tuple[int, ...], logits_shape: tuple[int, ...]) -> Array:
     targets = jnp.asarray(targets)
     if not jnp.issubdtype(targets.dtype, jnp.integer):
@@ -159,15 +170,11 @@ def _class_id_losses(
     num_classes = x.shape[-1]
     dtype = compute_dtype(x.dtype)
     weight = check_class_weight(weight, num_classes)
-    where = check_mask(where, targets.shape)
-    counted = _counted_mask(targets, ignore_index, where)
-    if validate:
-        check_class_ids(targets, num_classes, counted)
-    in_range = (targets >= 0) & (targets < num_classes)
-    safe_targets = jnp.where(counted & in_range, targets, 0)
+    counted, in_range, safe_targets = _class_id_masks(targets, num_classes, ignore_index, where, validate)
     smoothing = not _is_static_zero(label_smoothing)
     class_weight = jnp.ones((num_classes,), dtype) if weight is None else weight.astype(dtype)
-    # Skipped rows read as zero logits inside the kernel, so NaN / inf there cannot leak into
+    # Skipped rows get a zero gradient inside the kernel and are masked out of the loss with
+    # jnp.where, so NaN / inf there cannot leak into
     # the value or the gradient (a product with a 0 mask would give NaN).
     coefficients = jnp.broadcast_to(class_weight, x.shape)  # explicit: no implicit rank promotion
     lse, picked, weighted_sum = softmax_statistics(x, safe_targets, counted, coefficients, smoothing)
@@ -249,12 +256,7 @@ def nll_loss(
     num_classes = x.shape[-1]
     dtype = compute_dtype(x.dtype)
     weight = check_class_weight(weight, num_classes)
-    where = check_mask(where, targets.shape)
-    counted = _counted_mask(targets, ignore_index, where)
-    if validate:
-        check_class_ids(targets, num_classes, counted)
-    in_range = (targets >= 0) & (targets < num_classes)
-    safe_targets = jnp.where(counted & in_range, targets, 0)
+    counted, in_range, safe_targets = _class_id_masks(targets, num_classes, ignore_index, where, validate)
     target_weight = jnp.ones(targets.shape, dtype) if weight is None else weight.astype(dtype)[safe_targets]
     picked = _take_class(x, safe_targets).astype(dtype)
     nan = jnp.full((), jnp.nan, dtype)

@@ -46,6 +46,7 @@ from typing import Any, Hashable, Iterable, NamedTuple, Sequence
 import numpy as np
 
 from train import metrics
+from train.data.conll import iob1_to_bio
 from train.data.records import ParallelExample, PathLike, TaggedSentence, TextExample
 
 __all__ = [
@@ -337,14 +338,7 @@ def repair_bio(tags: Sequence[str]) -> list[str]:
       >>> repair_bio(["I-PER", "I-PER", "O", "I-LOC", "B-ORG", "I-LOC"])
       ['B-PER', 'I-PER', 'O', 'B-LOC', 'B-ORG', 'B-LOC']
     """
-    out: list[str] = []
-    prev = "O"
-    for tag in tags:
-        if tag.startswith("I-") and (prev == "O" or prev[2:] != tag[2:]):
-            tag = "B-" + tag[2:]
-        out.append(tag)
-        prev = tag
-    return out
+    return iob1_to_bio(tags)  # the same rewrite that reads IOB1 as BIO
 
 
 def most_frequent_tag(train: Sequence[TaggedSentence], eval: Sequence[TaggedSentence]) -> list[list[str]]:
