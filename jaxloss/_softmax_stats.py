@@ -50,12 +50,39 @@ def _kept(x: Array, keep: Array) -> Array:
     return jnp.where(keep[..., None], x, jnp.zeros((), x.dtype))
 
 
+#: Rows longer than this are summed in equal pieces (see :func:`_row_pieces`).
+MAX_ROW = 32768
+
+
+def _row_pieces(num_classes: int) -> int:
+    """How many equal, contiguous pieces to cut a row of ``num_classes`` into for ``sum(exp)``.
+
+    XLA:CPU sums ``exp`` over rows of 128k classes about 5x slower than over four times as
+    many rows of 32k (measured: 1.43 s vs 0.26 s at 4096 x 128256, float32), so long rows are
+    reshaped (a free bitcast) into the smallest number of equal pieces of at most
+    ``MAX_ROW``; 1 when no divisor up to 64 gives such pieces.
+    """
+    if num_classes <= MAX_ROW:
+        return 1
+    for pieces in range(-(-num_classes // MAX_ROW), 65):
+        if num_classes % pieces == 0:
+            return pieces
+    return 1
+
+
 def _logsumexp(logits: Array) -> Array:
     # The maximum is exact in any precision: taking it before the cast lets XLA read 16-bit
     # logits twice instead of materializing a float32 copy.
-    peak = _f32(jnp.max(logits, axis=-1, keepdims=True))
+    peak = _f32(jnp.max(logits, axis=-1))
     peak = jnp.where(jnp.isfinite(peak), peak, jnp.zeros((), peak.dtype))
-    return jnp.log(jnp.sum(jnp.exp(_f32(logits) - peak), axis=-1)) + peak[..., 0]
+    pieces = _row_pieces(logits.shape[-1])
+    if pieces == 1:
+        return jnp.log(jnp.sum(jnp.exp(_f32(logits) - peak[..., None]), axis=-1)) + peak
+    # a plain 2-D (rows, classes) reduction: XLA:CPU's fast path needs that shape
+    rows = logits.reshape(-1, logits.shape[-1] // pieces)
+    row_peak = jnp.repeat(peak.reshape(-1), pieces)[:, None]
+    piece_sums = jnp.sum(jnp.exp(_f32(rows) - row_peak), axis=-1)
+    return jnp.log(jnp.sum(piece_sums.reshape(*peak.shape, pieces), axis=-1)) + peak
 
 
 def _pick(x: Array, targets: Array) -> Array:
