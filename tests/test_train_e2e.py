@@ -67,6 +67,30 @@ def _text_data(tmp: Path, n: int, seed: int) -> str:
     return _write(tmp / f"text{seed}.txt", [p + "\n" for p in paragraphs])
 
 
+TOPICS = {"cat": "a small cat sat down", "dog": "the big dog ran off", "sun": "bright sun warms every field",
+          "rain": "grey rain falls on roofs", "ship": "old ship sails at dawn", "bird": "one bird sings all night"}
+
+
+def _parallel_data(tmp: Path, n: int, seed: int) -> str:
+    """Sources are four filler words and a topic word; the target is the topic's sentence.
+
+    Writes ``par{seed}.src`` / ``par{seed}.tgt.gz`` (the target gzipped) and returns the source path.
+    """
+    import gzip
+
+    rng = random.Random(seed)
+    sources, targets = [], []
+    for _ in range(n):
+        topic = rng.choice(sorted(TOPICS))
+        words = rng.sample(WORDS, 4)
+        words.insert(rng.randrange(5), topic)
+        sources.append(" ".join(words))
+        targets.append(TOPICS[topic])
+    with gzip.open(tmp / f"par{seed}.tgt.gz", "wt") as f:
+        f.write("\n".join(targets) + "\n")
+    return _write(tmp / f"par{seed}.src", sources)
+
+
 def _train(tmp: Path, task: str, *extra: str) -> list[dict]:
     out = tmp / f"run_{task}"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -126,6 +150,48 @@ def test_mlm(tmp_path):
     first, last = _first_last(records, "train/loss")
     assert last < first
     assert np.isfinite(_first_last(records, "eval/mlm/perplexity")[1])
+
+
+def test_seq2seq_and_predict(tmp_path):
+    train_src, eval_src = _parallel_data(tmp_path, 400, 0), _parallel_data(tmp_path, 32, 1)
+    records = _train(tmp_path, "seq2seq", "--train-file", train_src, "--train-target-file", str(tmp_path / "par0.tgt.gz"),
+                     "--eval-file", eval_src, "--eval-target-file", str(tmp_path / "par1.tgt.gz"),
+                     "--max-steps", "120", "--max-length", "24", "--epochs", "100", "--label-smoothing", "0.1")
+    first, last = _first_last(records, "train/loss")
+    assert last < first
+    # always writing the most frequent sentence scores about 1/6 of a perfect 100
+    assert _first_last(records, "eval/seq2seq/bleu")[1] > 40
+    run = tmp_path / "run_seq2seq"
+    sources = _write(tmp_path / "new.txt", ["w1 w2 cat w3 w4", "ship w5 w6 w7 w8", "w9 w10 w11 w12 bird"])
+    assert cli_main(["predict", str(run), sources]) == 0
+    predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert [p["line"] for p in predictions] == [1, 2, 3]
+    hits = sum(p["prediction"] == TOPICS[t] for p, t in zip(predictions, ("cat", "ship", "bird")))
+    assert hits >= 2, predictions
+    from transformers import AutoModelForSeq2SeqLM
+
+    AutoModelForSeq2SeqLM.from_pretrained(str(run / "model"))  # the trained model loads in transformers
+
+
+def test_seq2seq_fused_loss_equals_unfused(tmp_path):
+    data = ["--train-file", _parallel_data(tmp_path, 48, 0), "--train-target-file", str(tmp_path / "par0.tgt.gz"),
+            "--max-steps", "3", "--log-every", "1", "--label-smoothing", "0.1"]
+    losses = {}
+    for fused in ("on", "off"):
+        records = _train(tmp_path / fused, "seq2seq", *data, "--fused-loss", fused)
+        losses[fused] = [r["train/loss"] for r in records if "train/loss" in r]
+    np.testing.assert_allclose(losses["on"], losses["off"], rtol=2e-5)
+
+
+def test_seq2seq_in_a_multitask_run_is_refused(tmp_path):
+    config = tmp_path / "multi.yaml"
+    config.write_text(
+        "tasks:\n"
+        f"  - {{name: ner, task: ner, train_file: {_ner_data(tmp_path, 8, 0)}}}\n"
+        f"  - {{name: mt, task: seq2seq, train_file: {_parallel_data(tmp_path, 8, 0)}}}\n"
+    )
+    with pytest.raises(ValueError, match="seq2seq .* cannot share"):
+        _train(tmp_path, "multitask", "--config", str(config))
 
 
 def test_multitask_composite(tmp_path):

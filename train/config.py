@@ -31,6 +31,8 @@ class TaskSpec:
     task: str = _field("classify", "kind of task: classify | ner | regress | lm | mlm")
     train_file: Optional[str] = _field(None, "training data file")
     eval_file: Optional[str] = _field(None, "evaluation data file")
+    train_target_file: Optional[str] = _field(None, "seq2seq: target side of a parallel train_file")
+    eval_target_file: Optional[str] = _field(None, "seq2seq: target side of a parallel eval_file")
     format: Optional[str] = _field(None, "file format (default: from the extension)")
     text_column: str = _field("text", "column holding the text")
     text_pair_column: Optional[str] = _field(None, "column holding the second text of a pair")
@@ -47,11 +49,13 @@ class TrainConfig:
     task: str = _field("classify", "task: " + " | ".join(TASKS), choices=TASKS)
     train_file: Optional[str] = _field(None, "training data file (CoNLL, CSV/TSV/JSONL, text, parallel .src/.tgt)")
     eval_file: Optional[str] = _field(None, "evaluation data file, same format as --train-file")
+    train_target_file: Optional[str] = _field(None, "seq2seq: the target file of a parallel --train-file (default: *.src -> *.tgt)")
+    eval_target_file: Optional[str] = _field(None, "seq2seq: the target file of a parallel --eval-file (default: *.src -> *.tgt)")
     output_dir: str = _field("runs/run", "run folder: config, tokenizer, metrics, checkpoints, final model, plots")
     format: Optional[str] = _field(None, "data format: conll | csv | tsv | jsonl | text | label-first (default: from the extension)")
-    text_column: str = _field("text", "column holding the text (a name, or a 0-based index for headerless files)")
+    text_column: str = _field("text", "column holding the text (a name, or a 0-based index for headerless files; seq2seq JSONL: the source key)")
     text_pair_column: Optional[str] = _field(None, "column holding the second text of a pair")
-    label_column: str = _field("label", "column holding the label or score")
+    label_column: str = _field("label", "column holding the label or score (seq2seq JSONL: the target key)")
     tasks: list = _field([], "multitask only: a list of task entries (YAML), each with name, task, files, columns, weight")
     balancing: str = _field("static", "multitask loss weights: static | uncertainty (learned, Kendall et al. 2018)", choices=("static", "uncertainty"))
     # model and tokenizer
@@ -61,7 +65,9 @@ class TrainConfig:
     vocab_size: int = _field(8000, "vocabulary size of a tokenizer trained on the training data")
     max_length: int = _field(128, "maximum tokens per example (longer ones are truncated and counted)")
     label_all_subwords: bool = _field(False, "ner: label every subword of a word, not only the first")
-    fused_loss: str = _field("auto", "lm / mlm loss straight from hidden states (jaxloss.linear_cross_entropy): auto (vocabularies of 32768 or more) | on | off", choices=("auto", "on", "off"))
+    num_beams: int = _field(1, "seq2seq: beams of the decoding in evaluation and predict (1: greedy)")
+    max_new_tokens: Optional[int] = _field(None, "seq2seq: longest generated output (default: --max-length)")
+    fused_loss: str = _field("auto", "lm / mlm / seq2seq loss straight from hidden states (jaxloss.linear_cross_entropy): auto (vocabularies of 32768 or more) | on | off", choices=("auto", "on", "off"))
     # optimization
     max_steps: Optional[int] = _field(None, "stop after this many optimizer steps")
     epochs: float = _field(3.0, "stop after this many passes over the training data")
@@ -95,6 +101,8 @@ class TrainConfig:
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r} is not one of {', '.join(TASKS)}")
         self.tasks = [t if isinstance(t, TaskSpec) else task_spec_from_dict(t) for t in self.tasks]
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams={self.num_beams} must be at least 1")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 
@@ -130,11 +138,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown options {sorted(unknown)}")
     # relative paths in a config file are relative to the file's folder
     base = path.parent
-    for key in ("train_file", "eval_file", "model", "tokenizer"):
+    for key in ("train_file", "eval_file", "train_target_file", "eval_target_file", "model", "tokenizer"):
         if isinstance(data.get(key), str):
             data[key] = _resolve(base, data[key])
     for entry in data.get("tasks", []) or []:
-        for key in ("train_file", "eval_file"):
+        for key in ("train_file", "eval_file", "train_target_file", "eval_target_file"):
             if isinstance(entry.get(key), str):
                 entry[key] = _resolve(base, entry[key])
     return data

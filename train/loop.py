@@ -48,6 +48,7 @@ def task_specs(config: TrainConfig) -> list[TaskSpec]:
         return list(config.tasks)
     return [TaskSpec(
         name=config.task, task=config.task, train_file=config.train_file, eval_file=config.eval_file,
+        train_target_file=config.train_target_file, eval_target_file=config.eval_target_file,
         format=config.format, text_column=config.text_column, text_pair_column=config.text_pair_column,
         label_column=config.label_column,
     )]
@@ -55,12 +56,16 @@ def task_specs(config: TrainConfig) -> list[TaskSpec]:
 
 def build_tasks(config: TrainConfig) -> list[Task]:
     tasks = []
-    for spec in task_specs(config):
+    specs = task_specs(config)
+    for spec in specs:
+        if spec.task == "seq2seq" and len(specs) > 1:
+            raise ValueError(f"task {spec.name!r}: seq2seq trains an encoder-decoder of its own and cannot share "
+                             "a multi-task encoder trunk; run it on its own (jaxloss-train seq2seq)")
         if spec.task not in TASK_CLASSES:
             raise ValueError(f"task {spec.name!r}: unknown kind {spec.task!r}; known: {sorted(TASK_CLASSES)}")
         if not spec.train_file:
             raise ValueError(f"task {spec.name!r} needs a train_file (--train-file)")
-        for path in (spec.train_file, spec.eval_file):
+        for path in (spec.train_file, spec.eval_file, spec.train_target_file, spec.eval_target_file):
             if path and not Path(path).exists():
                 raise FileNotFoundError(f"task {spec.name!r}: data file {path} does not exist")
         kwargs = dict(
@@ -68,8 +73,11 @@ def build_tasks(config: TrainConfig) -> list[Task]:
             text_column=spec.text_column, text_pair_column=spec.text_pair_column, label_column=spec.label_column,
             max_length=config.max_length,
         )
-        if spec.task in ("classify", "ner"):
+        if spec.task in ("classify", "ner", "seq2seq"):
             kwargs["label_smoothing"] = config.label_smoothing
+        if spec.task == "seq2seq":
+            kwargs.update(train_target_file=spec.train_target_file, eval_target_file=spec.eval_target_file,
+                          max_new_tokens=config.max_new_tokens, num_beams=config.num_beams)
         task = TASK_CLASSES[spec.task](**kwargs)
         if spec.task == "ner":
             task.label_all_subwords = config.label_all_subwords
@@ -207,7 +215,7 @@ def run(config: TrainConfig) -> dict[str, float]:
             task.fit_labels(records[task.name][0])
     tokenizer = build_tokenizer(config, tasks, records, out_dir / "tokenizer")
     for task in tasks:
-        task.fused = task.kind in ("lm", "mlm") and use_fused_loss(config.fused_loss, len(tokenizer))
+        task.fused = task.kind in ("lm", "mlm", "seq2seq") and use_fused_loss(config.fused_loss, len(tokenizer))
     data = _make_batchers(config, tasks, tokenizer, divisor, records)
     (out_dir / "tasks.json").write_text(json.dumps({t.name: t.state() for t in tasks}, indent=2))
     config.save(out_dir / "config.yaml")

@@ -3,8 +3,8 @@
 - Tokenizer: ``--tokenizer``, else the ``--model`` folder's, else one trained on the run's
   training texts (WordPiece for encoders, byte-level BPE for a decoder), saved in the run.
 - Model: ``--model`` (a Hugging Face folder) fine-tuned, else a model built from scratch at
-  ``--model-size``: a BERT encoder with the task's head, a GPT-2 decoder for ``lm``, or one
-  BERT trunk with a head per task for ``multitask``.
+  ``--model-size``: a BERT encoder with the task's head, a GPT-2 decoder for ``lm``, a BART
+  encoder-decoder for ``seq2seq``, or one BERT trunk with a head per task for ``multitask``.
 - Output: the trained model in Hugging Face format (a multi-task model: its trunk, which
   ``transformers.AutoModel`` loads, and its heads in ``heads.safetensors``).
 """
@@ -48,6 +48,11 @@ def is_decoder_run(tasks: Sequence[Task]) -> bool:
     return all(t.kind == "lm" for t in tasks) and len(tasks) == 1
 
 
+def is_seq2seq_run(tasks: Sequence[Task]) -> bool:
+    """A sequence-to-sequence run trains an encoder-decoder."""
+    return len(tasks) == 1 and tasks[0].kind == "seq2seq"
+
+
 def build_tokenizer(config: TrainConfig, tasks: Sequence[Task], records: Mapping[str, tuple[Any, Any]], save_dir: Path) -> Any:
     """The run's tokenizer, saved (again) into ``save_dir`` so the run folder is self-contained."""
     source = config.tokenizer or config.model
@@ -57,7 +62,7 @@ def build_tokenizer(config: TrainConfig, tasks: Sequence[Task], records: Mapping
         tokenizer = load_tokenizer(source)
     else:
         texts = [text for t in tasks for text in t.texts(records[t.name][0])]
-        kind = "bpe" if is_decoder_run(tasks) else "wordpiece"
+        kind = "bpe" if is_decoder_run(tasks) or is_seq2seq_run(tasks) else "wordpiece"
         tokenizer = train_tokenizer(texts, kind=kind, vocab_size=config.vocab_size, model_max_length=max(512, config.max_length))
     tokenizer.save_pretrained(str(save_dir))
     return tokenizer
@@ -78,6 +83,20 @@ def _decoder_config(config: TrainConfig, vocab_size: int, tokenizer: Any) -> dic
     return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
                       n_positions=max(512, config.max_length), bos_token_id=tokenizer.eos_token_id,
                       eos_token_id=tokenizer.eos_token_id).to_dict()
+
+
+def _seq2seq_config(config: TrainConfig, vocab_size: int, tokenizer: Any) -> dict[str, Any]:
+    """A BART encoder-decoder at ``--model-size`` (each stack that many layers); the
+    tokenizer's end-of-sequence token also starts the decoder, as in BART."""
+    from transformers import BartConfig
+
+    hidden, layers, heads, mlp = _size(config.model_size)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return BartConfig(vocab_size=vocab_size, d_model=hidden, encoder_layers=layers, decoder_layers=layers,
+                      encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=mlp,
+                      decoder_ffn_dim=mlp, max_position_embeddings=max(512, config.max_length + 1),
+                      pad_token_id=pad, bos_token_id=eos, eos_token_id=eos, decoder_start_token_id=eos,
+                      forced_bos_token_id=None, forced_eos_token_id=None).to_dict()
 
 
 def _size(name: str) -> tuple[int, int, int, int]:
@@ -112,10 +131,12 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
             return BertMultiTask(cfg, heads, Runtime(config.dtype), rngs=nnx.Rngs(config.seed))
         task = tasks[0]
         if config.model:
-            arch = None if task.kind == "lm" else ENCODER_ARCHITECTURE[task.kind]
+            arch = None if task.kind in ("lm", "seq2seq") else ENCODER_ARCHITECTURE[task.kind]
             return load_pretrained(config.model, arch, strict=False, **runtime, **_label_overrides(task))
         if task.kind == "lm":
             return from_config(_decoder_config(config, vocab_size, tokenizer), "GPT2LMHeadModel", **runtime)
+        if task.kind == "seq2seq":
+            return from_config(_seq2seq_config(config, vocab_size, tokenizer), "BartForConditionalGeneration", **runtime)
         return from_config(_encoder_config(config, vocab_size), ENCODER_ARCHITECTURE[task.kind], **runtime,
                            **_label_overrides(task))
 

@@ -3,7 +3,9 @@
 - classify: ``{"line", "text", "label", "scores"}`` (softmax probabilities by class name)
 - ner: ``{"line", "tokens", "tags", "entities": [[type, first_token, last_token], ...]}``
 - regress: ``{"line", "text", "score"}``
-- lm / mlm: ``{"line", "text", "perplexity"}`` per paragraph
+- seq2seq: ``{"line", "source", "prediction"}`` (greedy, or beam search with the run's
+  ``num_beams``); FILE holds one source per line, or JSON Lines with the source under the
+  run's ``text_column``
 """
 
 from __future__ import annotations
@@ -62,12 +64,14 @@ def build_tasks_without_files(config: TrainConfig) -> list[Task]:
     from train.loop import task_specs
     from train.tasks import TASK_CLASSES
 
-    return [
-        TASK_CLASSES[spec.task](name=spec.name, train_file=None, eval_file=None, format=spec.format,
-                                text_column=spec.text_column, text_pair_column=spec.text_pair_column,
-                                label_column=spec.label_column, max_length=config.max_length)
-        for spec in task_specs(config)
-    ]
+    tasks = []
+    for spec in task_specs(config):
+        extra = {"max_new_tokens": config.max_new_tokens, "num_beams": config.num_beams} if spec.task == "seq2seq" else {}
+        tasks.append(TASK_CLASSES[spec.task](
+            name=spec.name, train_file=None, eval_file=None, format=spec.format, text_column=spec.text_column,
+            text_pair_column=spec.text_pair_column, label_column=spec.label_column, max_length=config.max_length,
+            **extra))
+    return tasks
 
 
 def _batches(items: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -90,6 +94,9 @@ def predict_file(run_dir: str | Path, file: str | Path, *, output: str | Path | 
                  batch_size: int = 32) -> Path:
     """Writes predictions for ``file`` to ``output`` (default ``RUN_DIR/predictions.jsonl``)."""
     config, task_obj, tokenizer, model = load_run(run_dir, task)
+    if task_obj.kind == "seq2seq":
+        return _predict_seq2seq(task_obj, tokenizer, model, file, Path(output) if output else Path(run_dir) / "predictions.jsonl",
+                                batch_size)
     records = task_obj.read(str(file))
     if task_obj.kind in ("lm", "mlm"):
         raise ValueError("predict writes labels, entities and scores; for a language model use perplexity in the eval metrics")
@@ -126,3 +133,25 @@ def _prediction(task: Task, record: Any, logits: np.ndarray, batch: dict[str, np
     tags += ["O"] * (len(record.tokens) - len(tags))  # words cut by max_length
     return {"line": record.line, "tokens": list(record.tokens), "tags": tags,
             "entities": [[t, s, e] for t, s, e in metrics.get_entities(tags)]}
+
+
+def _predict_seq2seq(task: Any, tokenizer: Any, model: nnx.Module, file: str | Path, out_path: Path,
+                     batch_size: int) -> Path:
+    """Generated outputs for the sources in ``file``, one JSON object per source."""
+    from train.tasks.seq2seq import decode_generated
+
+    records = task.read_sources(str(file))
+    eos = tokenizer.eos_token_id
+    features = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in
+                (task.encode_source(tokenizer, r.source_text) for r in records)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with open(out_path, "w") as f:
+        index = 0
+        for chunk in _batches(features, batch_size):
+            batch = _pad(chunk, pad_id)
+            tokens = task.generate(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+            for text in decode_generated(tokenizer, np.asarray(tokens["generated"]), [eos]):
+                record = records[index]
+                f.write(json.dumps({"line": record.line, "source": record.source_text, "prediction": text}) + "\n")
+                index += 1
+    return out_path

@@ -30,8 +30,6 @@ import jaxloss
 from train.models.outputs import OutputEmbedding
 from train.tasks.base import Task
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
 
 @flax.struct.dataclass
 class HiddenOutput:
@@ -47,7 +45,7 @@ def forward(model: Any, task: Task, batch: Mapping[str, Array], *, fused: bool =
     With ``fused`` (language-model tasks), the vocabulary projection is skipped and a
     :class:`HiddenOutput` is returned for :func:`jaxloss.linear_cross_entropy`.
     """
-    kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    kwargs = task.model_inputs(model, batch)
     shared = hasattr(model, "head_kinds")
     if fused:
         out = model(**kwargs, heads=(task.name,), compute_logits=False)[task.name] if shared else model(**kwargs, compute_logits=False)
@@ -137,6 +135,6 @@ def make_eval_step(graphdef: nnx.GraphDef, task: Task) -> Callable[..., dict[str
 
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        return task.predict(forward(model, task, batch), batch)
+        return {**task.predict(forward(model, task, batch), batch), **task.generate(model, batch)}
 
     return eval_step

@@ -8,6 +8,7 @@ from train.tasks.lm import LmTask
 from train.tasks.mlm import MlmTask
 from train.tasks.ner import NerTask
 from train.tasks.regress import RegressTask
+from train.tasks.seq2seq import Seq2SeqTask
 
 TASK_CLASSES: dict[str, type[Task]] = {
     "classify": ClassifyTask,
@@ -15,6 +16,7 @@ TASK_CLASSES: dict[str, type[Task]] = {
     "regress": RegressTask,
     "lm": LmTask,
     "mlm": MlmTask,
+    "seq2seq": Seq2SeqTask,
 }
 
-__all__ = ["TASK_CLASSES", "ClassifyTask", "LmTask", "MlmTask", "NerTask", "RegressTask", "Task"]
+__all__ = ["TASK_CLASSES", "ClassifyTask", "LmTask", "MlmTask", "NerTask", "RegressTask", "Seq2SeqTask", "Task"]

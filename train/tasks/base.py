@@ -22,6 +22,9 @@ from train.data.tokenization import IGNORE_INDEX
 
 Batch = Mapping[str, Array]
 
+#: The batch fields a model reads by default.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
 
 def infer_format(path: str | None, explicit: str | None, default: str) -> str:
     """The data format: ``explicit`` if given, else from the file extension, else ``default``."""
@@ -84,6 +87,10 @@ class Task(abc.ABC):
     def head(self) -> tuple[str, int]:
         """The head this task needs on a shared trunk: ``(kind, num_labels)``."""
 
+    def model_inputs(self, model: Any, batch: Batch) -> dict[str, Any]:
+        """The model's keyword arguments for ``batch``: its token ids, masks and token types."""
+        return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
     # -- loss ---------------------------------------------------------------------------------
     @abc.abstractmethod
     def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
@@ -97,6 +104,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def predict(self, output: Any, batch: Batch) -> dict[str, Array]:
         """Per-example predictions to gather on the host (inside ``jit``)."""
+
+    def generate(self, model: Any, batch: Batch) -> dict[str, Array]:
+        """Generated outputs to gather with :meth:`predict`'s (inside ``jit``); none by default."""
+        return {}
 
     @abc.abstractmethod
     def metrics(self, predictions: list[dict[str, np.ndarray]], batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
