@@ -103,3 +103,32 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
     assert ours.shape == (2, 5 + new)
     np.testing.assert_array_equal(ours[:, : expected.shape[1]], expected)
     assert (ours[:, expected.shape[1]:] == 0).all()  # finished rows continue with padding
+
+
+@pytest.mark.slow
+def test_beam_search_matches_transformers(tmp_path):
+    """GPT-2 beam search on a left-padded batch: tokens and ``sequences_scores`` equal Hugging Face's."""
+    pt, model = _saved(transformers.GPT2LMHeadModel, _gpt2(initializer_range=0.2), tmp_path)
+    rng = np.random.RandomState(7)
+    ids = rng.randint(3, V, (2, 5)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    ids[mask == 0] = 0
+    new = 6
+    greedy = np.asarray(generate(model, ids, mask, max_new_tokens=new))
+    differs = False
+    for k, early, lp in ((2, False, 0.5), (3, True, 1.0)):
+        with torch.no_grad():
+            out = pt.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=new,
+                              do_sample=False, num_beams=k, early_stopping=early, length_penalty=lp,
+                              output_scores=True, return_dict_in_generate=True)
+        expected = out.sequences.numpy()
+        tokens, scores = generate(model, ids, mask, max_new_tokens=new, num_beams=k, early_stopping=early,
+                                  length_penalty=lp, return_scores=True)
+        tokens = np.asarray(tokens)
+        assert tokens.shape == (2, 5 + new)
+        np.testing.assert_array_equal(tokens[:, : expected.shape[1]], expected)
+        assert (tokens[:, expected.shape[1]:] == 2).all()  # beam fill: eos, as pad is 0
+        np.testing.assert_allclose(np.asarray(scores), out.sequences_scores.numpy(), rtol=1e-5, atol=1e-6)
+        differs |= not np.array_equal(tokens, greedy)
+    assert differs

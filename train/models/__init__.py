@@ -4,8 +4,9 @@ Public API:
   - :func:`load_pretrained` / :func:`save_pretrained`: Hugging Face checkpoint folders.
   - :func:`from_config`: a randomly initialised model from a ``transformers`` config.
   - :func:`state_dict`: parameters (or gradients) under PyTorch names and layouts.
-  - :func:`generate`: jitted greedy decoding with a key/value cache for the decoders.
-  - :func:`generate_seq2seq`: the same for the BART encoder-decoder.
+  - :func:`generate`: jitted greedy decoding or beam search with a key/value cache for the decoders.
+  - :func:`generate_seq2seq`: the same for the encoder-decoders (BART, Marian); the loop and the
+    supported generation options: :mod:`train.models.generation`.
   - :func:`load_multitask` / :class:`BertMultiTask`: one BERT trunk, several named heads.
   - :mod:`train.models.partitioning`: logical axis names and the rules table to a mesh.
   - :mod:`train.models.layers`: attention, MLP, norms, embeddings, blocks, for new models.
@@ -39,6 +40,7 @@ from train.models.hf import (
     state_dict,
 )
 from train.models.llama import LlamaForCausalLM, LlamaModel
+from train.models.marian import MarianModel, MarianMTModel
 from train.models.outputs import HFConfig, ModelOutput, OutputEmbedding, Runtime
 
 __all__ = [
@@ -59,6 +61,8 @@ __all__ = [
     "LlamaForCausalLM",
     "LlamaModel",
     "LoadReport",
+    "MarianMTModel",
+    "MarianModel",
     "ModelOutput",
     "OutputEmbedding",
     "Runtime",

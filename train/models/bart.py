@@ -6,8 +6,13 @@ learned positions with BART's offset of 2 (row ``p + 2`` embeds position ``p``);
 cross-attention sub-layer); ``final_logits_bias`` added to the logits (a buffer in PyTorch:
 held here as a parameter whose gradient is zero, so it is loaded and saved but never trained).
 
-:func:`generate_seq2seq` is jitted greedy decoding with a self-attention key/value cache and
-the cross-attention keys/values computed once from the encoder's output.
+The model is written once for the family and configured by class attributes: Marian
+(:mod:`train.models.marian`) reuses it with fixed sinusoidal positions and no
+``layernorm_embedding``.
+
+:func:`generate_seq2seq` is jitted greedy decoding or beam search (:mod:`train.models.generation`)
+with a self-attention key/value cache and the cross-attention keys/values computed once from
+the encoder's output.
 
 Example:
   >>> import numpy as np
@@ -25,16 +30,18 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
-from functools import partial
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import Array
 
 import jaxloss
+from train.models import generation as G
 from train.models import mapping as M
 from train.models.decoder import eos_tuple
 from train.models.layers import (
@@ -159,23 +166,60 @@ def _encoder_layer(cfg: Mapping[str, Any], rt: Runtime, rngs: nnx.Rngs) -> PostN
     )
 
 
-class _Stack(nnx.Module):
-    """Positions (with the offset), ``layernorm_embedding``, dropout and the layers of one side."""
+@functools.lru_cache(maxsize=8)
+def sinusoidal_positions(num_positions: int, dim: int) -> np.ndarray:
+    """Marian's fixed position table ``(num_positions, dim)`` float32: ``sin`` in the first half, ``cos`` in the second.
 
-    def __init__(self, cfg: Mapping[str, Any], rt: Runtime, layers: list[nnx.Module], rngs: nnx.Rngs):
+    ``angle[p, j] = p / 10000^(2 floor(j/2) / dim)``; columns ``0..ceil(dim/2)-1`` hold
+    ``sin(angle[:, 0::2])`` and the rest ``cos(angle[:, 1::2])`` (Hugging Face's
+    ``MarianSinusoidalPositionalEmbedding``, computed in float64 the same way, then float32).
+
+      >>> sinusoidal_positions(3, 4)[1].astype(float).round(3).tolist()
+      [0.841, 0.01, 0.54, 1.0]
+    """
+    enc = np.array([[pos / np.power(10000, 2 * (j // 2) / dim) for j in range(dim)] for pos in range(num_positions)])
+    half = dim // 2 if dim % 2 == 0 else dim // 2 + 1
+    out = np.empty((num_positions, dim), np.float32)
+    out[:, :half] = np.sin(enc[:, 0::2])
+    out[:, half:] = np.cos(enc[:, 1::2])
+    out.setflags(write=False)
+    return out
+
+
+class _Stack(nnx.Module):
+    """Positions, ``layernorm_embedding``, dropout and the layers of one side.
+
+    ``positions``: ``"learned"`` (BART: a trained table read at ``p + 2``) or ``"sinusoidal"``
+    (Marian: :func:`sinusoidal_positions`, not a parameter); ``layernorm_embedding``: BART's
+    norm after the embeddings (Marian has none).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], rt: Runtime, layers: list[nnx.Module], rngs: nnx.Rngs, *,
+                 positions: str = "learned", layernorm_embedding: bool = True):
         d = cfg["d_model"]
         kw = rt.kw()
         self.max_positions = cfg.get("max_position_embeddings", 1024)
-        self.embed_positions = Embed(self.max_positions + POSITION_OFFSET, d, axes=(POSITIONS, EMBED),
-                                     std=cfg.get("init_std", 0.02), rngs=rngs, **kw)
-        self.layernorm_embedding = LayerNorm(d, eps=1e-5, rngs=rngs, **kw)
+        self.d_model = d
+        if positions not in ("learned", "sinusoidal"):
+            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {positions!r}")
+        self.embed_positions = (Embed(self.max_positions + POSITION_OFFSET, d, axes=(POSITIONS, EMBED),
+                                      std=cfg.get("init_std", 0.02), rngs=rngs, **kw)
+                                if positions == "learned" else None)
+        self.layernorm_embedding = LayerNorm(d, eps=1e-5, rngs=rngs, **kw) if layernorm_embedding else None
         self.dropout = nnx.Dropout(cfg.get("dropout", 0.1), rngs=rngs)
         self.layers = nnx.List(layers)
 
     def embed(self, tokens: Array, positions: Array) -> Array:
-        """``dropout(LN(tokens + positions[p + 2]))``; ``tokens`` already scaled, float32."""
-        x = tokens + self.embed_positions(positions + POSITION_OFFSET, jnp.float32)
-        return self.dropout(self.layernorm_embedding(x))
+        """``dropout(LN(tokens + position_table[p (+ 2)]))``; ``tokens`` already scaled, float32."""
+        if self.embed_positions is not None:
+            pos = self.embed_positions(positions + POSITION_OFFSET, jnp.float32)
+        else:
+            table = jnp.asarray(sinusoidal_positions(self.max_positions, self.d_model))
+            pos = jnp.take(table, positions, axis=0, mode="clip")
+        x = tokens + pos
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return self.dropout(x)
 
 
 def _ids(x: Any, name: str) -> Array:
@@ -199,10 +243,21 @@ class BartModel(nnx.Module):
 
     Called as Hugging Face's ``BartModel``: without ``decoder_input_ids`` the decoder reads
     ``shift_tokens_right(input_ids)`` (BART's denoising default).
+
+    Subclasses configure the family by class attributes: ``positions`` (``"learned"`` or
+    ``"sinusoidal"``), ``layernorm_embedding`` and :meth:`check_config`.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], rt: Runtime = Runtime(), *, rngs: nnx.Rngs):
+    positions: ClassVar[str] = "learned"
+    layernorm_embedding: ClassVar[bool] = True
+
+    @staticmethod
+    def check_config(cfg: Mapping[str, Any]) -> None:
+        """Raises ``ValueError`` for config values this model does not implement."""
         _check_supported(cfg)
+
+    def __init__(self, cfg: Mapping[str, Any], rt: Runtime = Runtime(), *, rngs: nnx.Rngs):
+        self.check_config(cfg)
         self.config = HFConfig(cfg)
         self.remat = rt.remat
         self.dtype = rt.compute
@@ -212,8 +267,11 @@ class BartModel(nnx.Module):
         self.decoder_start_token_id = cfg.get("decoder_start_token_id")
         self.shared = Embed(cfg["vocab_size"], d, std=cfg.get("init_std", 0.02), padding_idx=self.pad_token_id,
                             rngs=rngs, **rt.kw())
-        self.encoder = _Stack(cfg, rt, [_encoder_layer(cfg, rt, rngs) for _ in range(cfg["encoder_layers"])], rngs)
-        self.decoder = _Stack(cfg, rt, [BartDecoderLayer(cfg, rt, rngs) for _ in range(cfg["decoder_layers"])], rngs)
+        flags = {"positions": self.positions, "layernorm_embedding": self.layernorm_embedding}
+        self.encoder = _Stack(cfg, rt, [_encoder_layer(cfg, rt, rngs) for _ in range(cfg["encoder_layers"])], rngs,
+                              **flags)
+        self.decoder = _Stack(cfg, rt, [BartDecoderLayer(cfg, rt, rngs) for _ in range(cfg["decoder_layers"])], rngs,
+                              **flags)
 
     def _tokens(self, ids: Array) -> Array:
         x = self.shared(ids, jnp.float32)
@@ -301,8 +359,10 @@ class BartModel(nnx.Module):
         maps = M.embedding("shared", ("shared",))
         for side in ("encoder", "decoder"):
             stack = getattr(self, side)
-            maps += (M.embedding(f"{side}.embed_positions", (side, "embed_positions"))
-                     + M.norm(f"{side}.layernorm_embedding", (side, "layernorm_embedding")))
+            if stack.embed_positions is not None:
+                maps += M.embedding(f"{side}.embed_positions", (side, "embed_positions"))
+            if stack.layernorm_embedding is not None:
+                maps += M.norm(f"{side}.layernorm_embedding", (side, "layernorm_embedding"))
             for i in range(len(stack.layers)):
                 h, p = f"{side}.layers.{i}.", (side, "layers", i)
                 if side == "encoder":
@@ -336,10 +396,12 @@ class BartForConditionalGeneration(nnx.Module):
     """
 
     tied_tensors = ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
+    #: The trunk's class (a subclass picks its family's).
+    trunk: ClassVar[type[BartModel]] = BartModel
 
     def __init__(self, cfg: Mapping[str, Any], rt: Runtime = Runtime(), *, rngs: nnx.Rngs):
         self.config = HFConfig(cfg)
-        self.model = BartModel(cfg, rt, rngs=rngs)
+        self.model = self.trunk(cfg, rt, rngs=rngs)
         self.final_logits_bias = _param(rngs, zeros_init, (1, cfg["vocab_size"]), (None, VOCAB), rt.params)
 
     def output_embedding(self) -> OutputEmbedding:
@@ -386,49 +448,61 @@ class BartForConditionalGeneration(nnx.Module):
                 + [M.TensorMap("final_logits_bias", (("final_logits_bias",),))])
 
 
-# ---------------------------------------------------------------------- greedy decoding
+# ---------------------------------------------------------------------- decoding
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
-def _greedy(graphdef: Any, state: Any, inputs: tuple[Array, Array], max_new_tokens: int, start: int,
-            eos: tuple[int, ...], pad: int) -> Array:
+def _self_rows(cache: Cache, rows: Array) -> Cache:
+    """The self-attention keys/values gathered by parent beam (the cross-attention ones are
+    the same for every beam of an item and stay)."""
+    return [((jnp.take(k, rows, axis=0), jnp.take(v, rows, axis=0)), cross) for (k, v), cross in cache]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _generate(graphdef: Any, state: Any, inputs: tuple[Array, Array], start: int,
+              search: G.SearchConfig) -> G.SearchOutput:
     model = nnx.merge(graphdef, state)
     model.eval()
     ids, mask = inputs
-    B = ids.shape[0]
+    K, N = search.num_beams, search.max_new_tokens
     enc = model.encode(ids, mask)
-    cache = model.init_cache(enc, max_new_tokens)
-    dec_mask = jnp.ones((B, max_new_tokens), jnp.int32)
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    if K > 1:  # every beam of an item reads the item's encoder output
+        enc, mask = jnp.repeat(enc, K, axis=0), jnp.repeat(mask, K, axis=0)
+    rows = enc.shape[0]
+    dec_mask = jnp.ones((rows, N), jnp.int32)
 
-    def step(i: Array, carry: tuple) -> tuple:
-        tokens, tok, done, cache = carry
-        o = model.decode(tok[:, None], enc, mask, dec_mask, cache=cache, cache_index=i)
-        tok = jnp.argmax(o.logits[:, -1], axis=-1).astype(jnp.int32)
-        tok = jnp.where(done, jnp.int32(pad), tok)
-        done = done | jnp.any(tok[:, None] == eos_arr[None, :], axis=-1)
-        return tokens.at[:, i + 1].set(tok), tok, done, o.cache
+    def step(tok: Array, i: Array, cache: Cache) -> tuple[Array, Cache]:
+        # new token i is decoder position i + 1 (position 0 holds the start token)
+        o = model.decode(tok[:, None], enc, mask, dec_mask, cache=cache, cache_index=i + 1)
+        return o.logits[:, -1], o.cache
 
-    tokens = jnp.full((B, max_new_tokens + 1), start, jnp.int32)
-    first = jnp.full((B,), start, jnp.int32)
-    tokens, *_ = jax.lax.fori_loop(0, max_new_tokens, step, (tokens, first, jnp.zeros((B,), jnp.bool_), cache))
-    return tokens
+    logits, cache = step(jnp.full((rows,), start, jnp.int32), jnp.int32(-1), model.init_cache(enc, N))
+    return G.search(step, logits, cache, search, reorder=_self_rows)
 
 
 def generate_seq2seq(model: BartForConditionalGeneration, input_ids: Any, attention_mask: Any = None, *,
-                     max_new_tokens: int, decoder_start_token_id: int | None = None,
-                     eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int | None = None) -> Array:
-    """Greedy decoding, jitted: ``model.generate(num_beams=1, do_sample=False)`` of an encoder-decoder.
+                     max_new_tokens: int, num_beams: int = 1, length_penalty: float | None = None,
+                     early_stopping: bool | str | None = None, decoder_start_token_id: int | None = None,
+                     eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int | None = None,
+                     return_scores: bool = False, **generation_options: Any) -> Array | tuple[Array, Array | None]:
+    """Greedy decoding or beam search, jitted: ``model.generate(num_beams=k, do_sample=False)`` of an encoder-decoder.
 
     Returns ``(B, 1 + max_new_tokens)`` int32 ids: ``decoder_start_token_id`` then the new
-    tokens. A row that has produced an end-of-sequence token continues with ``pad_token_id``
-    (Hugging Face stops once every row has finished; its output is a prefix of this one).
-    The token ids default to the model's config. No logits processors are applied (set
-    ``forced_bos_token_id`` / ``forced_eos_token_id`` / ``no_repeat_ngram_size`` off on the
-    Hugging Face side to compare).
+    tokens (the best hypothesis with ``num_beams > 1``). After a row's end-of-sequence token
+    come ``pad_token_id`` tokens (beam search: Hugging Face's fill, ``pad_token_id`` unless it
+    is 0, then the first ``eos``); Hugging Face stops once every row has finished, so its
+    output is a prefix of this one. With ``return_scores`` also the ``(B,)`` beam scores
+    (Hugging Face's ``sequences_scores``; None for greedy decoding).
+
+    The self-attention key/value cache has ``B * num_beams`` rows, gathered by parent beam
+    every step; the encoder runs once per item. The decoding algorithm, and the Hugging Face
+    generation options that are applied (read from the model's config, overridable by
+    keyword: ``forced_bos_token_id``, ``forced_eos_token_id``, ``min_length``,
+    ``min_new_tokens``, single-token ``bad_words_ids``, ``suppress_tokens``), are those of
+    :mod:`train.models.generation`; any other option the config sets (e.g.
+    ``no_repeat_ngram_size=3``) raises ``ValueError`` unless switched off by keyword
+    (``no_repeat_ngram_size=0``). ``length_penalty`` and ``early_stopping`` default to the
+    config's (else 1.0 and False); the token ids default to the config's.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = jnp.asarray(input_ids, jnp.int32)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, time), got shape {ids.shape}")
@@ -439,12 +513,17 @@ def generate_seq2seq(model: BartForConditionalGeneration, input_ids: Any, attent
     limit = cfg.get("max_position_embeddings", 1024)
     if max_new_tokens > limit or ids.shape[1] > limit:
         raise ValueError(f"input length {ids.shape[1]} or max_new_tokens {max_new_tokens} exceeds the "
-                         f"{limit} learned positions")
+                         f"{limit} positions (max_position_embeddings)")
     start = cfg.get("decoder_start_token_id") if decoder_start_token_id is None else decoder_start_token_id
     if start is None:
         raise ValueError("decoder_start_token_id is neither given nor in the model's config")
     eos = eos_tuple(cfg.get("eos_token_id") if eos_token_id is None else eos_token_id) or ()
     if pad_token_id is None:
         pad_token_id = cfg.get("pad_token_id") if cfg.get("pad_token_id") is not None else (eos[0] if eos else 0)
+    search = G.search_config(cfg, generation_options, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                             length_penalty=length_penalty, early_stopping=early_stopping, eos=eos,
+                             pad=int(pad_token_id), prompt_len=1)
     graphdef, state = nnx.split(model)
-    return _greedy(graphdef, state, (ids, mask), int(max_new_tokens), int(start), eos, int(pad_token_id))
+    out = _generate(graphdef, state, (ids, mask), int(start), search)
+    tokens = jnp.concatenate([jnp.full((ids.shape[0], 1), int(start), jnp.int32), out.tokens], axis=1)
+    return (tokens, out.scores) if return_scores else tokens

@@ -2,7 +2,8 @@
 
 :class:`DecoderSpec` holds every architectural choice (norm kind, learned or rotary
 positions, plain or gated MLP, grouped key/value heads, tied head); :class:`CausalLM` builds
-the model from it; :func:`generate` is a jitted greedy decoder with a key/value cache.
+the model from it; :func:`generate` is jitted greedy decoding or beam search with a key/value cache (the loop of
+:mod:`train.models.generation`).
 
 Example:
   >>> import numpy as np
@@ -30,6 +31,7 @@ from flax import nnx
 from jax import Array
 
 import jaxloss
+from train.models import generation as G
 from train.models.layers import (
     MLP,
     Attention,
@@ -225,7 +227,7 @@ def next_token_targets(labels: Any, ignore_index: int = -100) -> Array:
     return jnp.concatenate([labels[..., 1:], pad], axis=-1)
 
 
-# ---------------------------------------------------------------------- greedy decoding
+# ---------------------------------------------------------------------- decoding
 
 
 def eos_tuple(eos: Any) -> tuple[int, ...] | None:
@@ -235,54 +237,46 @@ def eos_tuple(eos: Any) -> tuple[int, ...] | None:
     return tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def _greedy(graphdef: Any, state: Any, inputs: tuple[Array, Array], max_new_tokens: int, eos: tuple[int, ...],
-            pad: int) -> Array:
+@partial(jax.jit, static_argnums=(0, 3))
+def _generate(graphdef: Any, state: Any, inputs: tuple[Array, Array], search: G.SearchConfig) -> G.SearchOutput:
     model = nnx.merge(graphdef, state)
     model.eval()
     ids, mask = inputs
-    B, T0 = ids.shape
-    L = T0 + max_new_tokens
-    full_mask = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), mask.dtype)], axis=1)
+    K, N = search.num_beams, search.max_new_tokens
+    if K > 1:  # every beam of an item starts from the item's prompt
+        ids, mask = jnp.repeat(ids, K, axis=0), jnp.repeat(mask, K, axis=0)
+    rows, T0 = ids.shape
+    full_mask = jnp.concatenate([mask, jnp.ones((rows, N), mask.dtype)], axis=1)
     # Hugging Face's positions for (left-)padded prompts: cumsum(mask) - 1, 1 at padding.
     positions = jnp.cumsum(full_mask, axis=1, dtype=jnp.int32) - 1
     positions = jnp.where(full_mask == 0, 1, positions)
-    cache = model.init_cache(B, L)
-    out = model(ids, full_mask, positions[:, :T0], cache=cache, cache_index=0)
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    out = model(ids, full_mask, positions[:, :T0], cache=model.init_cache(rows, T0 + N), cache_index=0)
 
-    def pick(logits: Array, done: Array) -> tuple[Array, Array]:
-        tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        tok = jnp.where(done, jnp.int32(pad), tok)
-        return tok, done | jnp.any(tok[:, None] == eos_arr[None, :], axis=-1)
-
-    tok, done = pick(out.logits, jnp.zeros((B,), jnp.bool_))
-    tokens = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(tok)
-
-    def step(i: Array, carry: tuple) -> tuple:
-        tokens, tok, done, cache = carry
-        slot = T0 + i - 1
+    def step(tok: Array, i: Array, cache: Any) -> tuple[Array, Any]:
+        slot = T0 + i  # new token i sits at cache slot T0 + i
         pos = jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1)
         o = model(tok[:, None], full_mask, pos, cache=cache, cache_index=slot)
-        tok, done = pick(o.logits, done)
-        return tokens.at[:, i].set(tok), tok, done, o.cache
+        return o.logits[:, -1], o.cache
 
-    tokens, *_ = jax.lax.fori_loop(1, max_new_tokens, step, (tokens, tok, done, out.cache))
-    return jnp.concatenate([ids.astype(jnp.int32), tokens], axis=1)
+    return G.search(step, out.logits[:, -1], out.cache, search)
 
 
 def generate(model: CausalLM, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int,
-             eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int | None = None) -> Array:
-    """Greedy decoding with a key/value cache, jitted: ``model.generate(do_sample=False)``.
+             num_beams: int = 1, length_penalty: float | None = None, early_stopping: bool | str | None = None,
+             eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int | None = None,
+             return_scores: bool = False, **generation_options: Any) -> Array | tuple[Array, Array | None]:
+    """Greedy decoding or beam search with a key/value cache, jitted: ``model.generate(num_beams=k, do_sample=False)``.
 
-    Returns ``(B, T0 + max_new_tokens)`` int32 ids: the prompt then the new tokens. A row that
-    has produced an end-of-sequence token continues with ``pad_token_id`` (Hugging Face stops
-    once every row has finished; its output is a prefix of this one). ``eos_token_id`` and
-    ``pad_token_id`` default to the model's config; a left-padded prompt (``attention_mask``
-    0 on the left) gets Hugging Face's positions.
+    Returns ``(B, T0 + max_new_tokens)`` int32 ids: the prompt then the new tokens (the best
+    hypothesis with ``num_beams > 1``). A row that has produced an end-of-sequence token
+    continues with ``pad_token_id`` (beam search: Hugging Face's fill, ``pad_token_id`` unless
+    it is 0, then the first ``eos``); Hugging Face stops once every row has finished, so its
+    output is a prefix of this one. ``eos_token_id`` and ``pad_token_id`` default to the
+    model's config; a left-padded prompt (``attention_mask`` 0 on the left) gets Hugging
+    Face's positions. With ``return_scores`` also the ``(B,)`` beam scores (None for greedy).
+    Generation options (``forced_eos_token_id=``, ...) and the algorithm: see
+    :mod:`train.models.generation` and :func:`train.models.generate_seq2seq`.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = jnp.asarray(input_ids, jnp.int32)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, time), got shape {ids.shape}")
@@ -296,5 +290,10 @@ def generate(model: CausalLM, input_ids: Any, attention_mask: Any = None, *, max
     eos = eos_tuple(model.spec.eos_token_id if eos_token_id is None else eos_token_id) or ()
     if pad_token_id is None:
         pad_token_id = model.spec.pad_token_id if model.spec.pad_token_id is not None else (eos[0] if eos else 0)
+    search = G.search_config(model.config, generation_options, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                             length_penalty=length_penalty, early_stopping=early_stopping, eos=eos,
+                             pad=int(pad_token_id), prompt_len=ids.shape[1])
     graphdef, state = nnx.split(model)
-    return _greedy(graphdef, state, (ids, mask), int(max_new_tokens), eos, int(pad_token_id))
+    out = _generate(graphdef, state, (ids, mask), search)
+    tokens = jnp.concatenate([ids, out.tokens], axis=1)
+    return (tokens, out.scores) if return_scores else tokens

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.models import bart, bert, gpt2, llama
+from train.models import bart, bert, gpt2, llama, marian
 from train.models.mapping import TensorMap
 from train.models.outputs import Runtime
 
@@ -55,11 +55,13 @@ ARCHITECTURES: dict[str, type[nnx.Module]] = {
     "LlamaModel": llama.LlamaModel,
     "BartForConditionalGeneration": bart.BartForConditionalGeneration,
     "BartModel": bart.BartModel,
+    "MarianMTModel": marian.MarianMTModel,
+    "MarianModel": marian.MarianModel,
 }
 #: ``model_type`` -> architecture used when ``config.json`` names none.
 DEFAULT_ARCHITECTURE: dict[str, str] = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                                         "bart": "BartForConditionalGeneration"}
-_MODEL_TYPE = {"Bert": "bert", "GPT2": "gpt2", "Llama": "llama", "Bart": "bart"}
+                                         "bart": "BartForConditionalGeneration", "marian": "MarianMTModel"}
+_MODEL_TYPE = {"Bert": "bert", "GPT2": "gpt2", "Llama": "llama", "Bart": "bart", "Marian": "marian"}
 
 # Buffers some checkpoints carry that are not parameters.
 _BUFFERS = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
@@ -306,7 +308,7 @@ def load_pretrained(path: str | os.PathLike, architecture: str | None = None, *,
     return model
 
 
-_BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer.", "llama": "model.", "bart": "model."}
+_BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer.", "llama": "model.", "bart": "model.", "marian": "model."}
 
 
 def _align_prefix(tensors: dict[str, np.ndarray], wanted: set[str], prefix: str) -> dict[str, np.ndarray]:
