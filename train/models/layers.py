@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -293,9 +294,11 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 class Attention(nnx.Module):
     r"""Multi-head attention with grouped key/value heads, optional rotary positions and a KV cache.
 
-    ``softmax(q k^T * scale + mask) v`` through :func:`jax.nn.dot_product_attention`; when
-    attention-probability dropout is active (training with ``dropout_rate > 0``) the same
-    product is written out so the probabilities can be dropped.
+    ``softmax(q k^T * scale + mask) v`` through :func:`jax.nn.dot_product_attention` (XLA, or
+    cuDNN's fused kernel where the platform offers it). Two cases take the explicit product of
+    :func:`dot_product_attention` instead: attention-probability dropout while training, and
+    16-bit compute under strict dtype promotion, whose backward pass jax cannot lower
+    (:func:`_needs_explicit_attention`).
 
     Submodules ``query``, ``key``, ``value`` (kernels ``(d_model, heads*head_dim)``) and
     ``out`` (kernel ``(heads*head_dim, d_model)``). ``kv_features`` sets the input width of
@@ -374,29 +377,108 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (zero, index, zero, zero))
             new_cache = (k, v)
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        if mask is not None:
-            mask = jnp.asarray(mask, jnp.bool_)
-            mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, k.shape[1]))
-        if self.dropout.rate > 0 and not self.dropout.deterministic:
-            y = self._explicit_attention(q, k, v, mask)
-        else:
-            # jax.nn.dot_product_attention promotes bf16 with float32 internally, which strict
-            # dtype promotion rejects; the promotion is its own business.
+        dropout = self.dropout if self.dropout.rate > 0 and not self.dropout.deterministic else None
+        if dropout is None and not _needs_explicit_attention(q.dtype):
+            if mask is not None:
+                mask = jnp.asarray(mask, jnp.bool_)
+                mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, k.shape[1]))
+            # jax promotes bf16 with float32 inside; that promotion is its own business
             with jax.numpy_dtype_promotion("standard"):
-                y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation="xla")
+                y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+        else:
+            y = dot_product_attention(q, k, v, mask=mask, scale=self.scale, dropout=dropout)
         y = y.reshape(B, T, self.num_heads * self.head_dim)
         return self.out(y), new_cache
 
-    def _explicit_attention(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = jnp.repeat(k, groups, axis=2)
-            v = jnp.repeat(v, groups, axis=2)
-        scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * jnp.float32(self.scale)
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.float32(jnp.finfo(jnp.float32).min))
-        probs = self.dropout(jax.nn.softmax(scores, axis=-1)).astype(v.dtype)
-        return jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+def _needs_explicit_attention(dtype: Any) -> bool:
+    """Whether 16-bit attention must avoid :func:`jax.nn.dot_product_attention`: under
+    ``jax_numpy_dtype_promotion="strict"`` its bf16 dot algorithm (``BF16_BF16_F32``) is lowered
+    for the backward products with a float32 cotangent and a bf16 operand, which strict
+    promotion rejects."""
+    return jnp.dtype(dtype) != jnp.float32 and jax.config.jax_numpy_dtype_promotion == "strict"
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, scale: float,
+                          dropout: Callable[[Array], Array] | None = None) -> Array:
+    r"""``softmax(q k^T * scale + mask) v`` with grouped key/value heads, in ``q``'s dtype.
+
+    ``q`` is ``(B, T, heads, head_dim)``, ``k`` and ``v`` are ``(B, S, kv_heads, head_dim)``
+    with ``heads`` a multiple of ``kv_heads`` (query head ``n`` reads key/value head
+    ``n // (heads // kv_heads)``, as ``jnp.repeat`` would lay them out). ``mask`` is boolean,
+    ``(B, 1 or heads, T, S)``, True where attention is allowed. ``dropout``, when given, is
+    applied to the probabilities ``(B, heads, T, S)``.
+
+    Scores are accumulated in float32 (``preferred_element_type``), the softmax is float32 and
+    the probabilities are cast to ``v``'s dtype for the second product (float32 accumulation,
+    result cast to ``q``'s dtype). In bfloat16 the backward products round their float32
+    cotangent to bfloat16 first (:func:`_einsum_f32`), so both passes are native bf16 x bf16
+    products. Every mixed-dtype step is an explicit cast, so the forward and backward passes
+    hold under strict dtype promotion, which ``jax.nn.dot_product_attention(implementation="xla")``
+    does not with bfloat16 inputs: its forward calls ``promote_types(query.dtype, float32)``,
+    and its ``BF16_BF16_F32`` dot algorithm, lowered for the transposed products (a float32
+    cotangent with a bfloat16 operand), calls ``promote_types(float32, bfloat16)``.
+
+    Example:
+      >>> q = jnp.ones((1, 3, 4, 8), jnp.bfloat16); kv = jnp.ones((1, 3, 2, 8), jnp.bfloat16)
+      >>> dot_product_attention(q, kv, kv, scale=8 ** -0.5).shape
+      (1, 3, 4, 8)
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if k.shape != (B, S, K, H) or v.shape != k.shape or N % K:
+        raise ValueError(f"dot_product_attention expects q (B, T, heads, head_dim) and k, v (B, S, kv_heads, head_dim) "
+                         f"with heads a multiple of kv_heads; got q {q.shape}, k {k.shape}, v {v.shape}")
+    G = N // K
+    qg = q.reshape(B, T, K, G, H)
+    scores = _einsum_f32(("btkgh,bskh->bkgts", "bkgts,bskh->btkgh", "bkgts,btkgh->bskh"), qg, k.astype(q.dtype))
+    scores = scores * jnp.float32(scale)
+    if mask is not None:
+        mask = jnp.asarray(mask, jnp.bool_)
+        if mask.ndim != 4 or mask.shape[1] not in (1, N):
+            raise ValueError(f"attention mask must be (B, 1 or {N}, T, S); got shape {mask.shape}")
+        mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, S)).reshape(B, K if mask.shape[1] == N else 1, -1, T, S)
+        scores = jnp.where(mask, scores, jnp.float32(jnp.finfo(jnp.float32).min))
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs.reshape(B, N, T, S)).reshape(B, K, G, T, S)
+    y = _einsum_f32(("bkgts,bskh->btkgh", "btkgh,bskh->bkgts", "btkgh,bkgts->bskh"), probs.astype(v.dtype), v)
+    return y.reshape(B, T, N, H).astype(q.dtype)
+
+
+def _einsum_f32(equations: tuple[str, str, str], a: Array, b: Array) -> Array:
+    """``einsum(equations[0], a, b)`` accumulated in float32; ``a`` and ``b`` share one dtype.
+
+    ``equations[1]`` and ``equations[2]`` give ``da`` from ``(g, b)`` and ``db`` from ``(g, a)``.
+    For a low-precision dtype the backward products take the float32 cotangent rounded to that
+    dtype (bfloat16 x bfloat16 with float32 accumulation, the fast native product, as
+    ``DotAlgorithmPreset.BF16_BF16_F32`` does) instead of mixing float32 with bfloat16.
+    """
+    if a.dtype != b.dtype:
+        raise TypeError(f"_einsum_f32 operands must share a dtype, got {a.dtype} and {b.dtype}")
+    if a.dtype == jnp.float32:
+        return jnp.einsum(equations[0], a, b, preferred_element_type=jnp.float32)
+    return _einsum_low_precision(equations, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_low_precision(equations: tuple[str, str, str], a: Array, b: Array) -> Array:
+    return jnp.einsum(equations[0], a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_low_precision_fwd(equations: tuple[str, str, str], a: Array, b: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _einsum_low_precision(equations, a, b), (a, b)
+
+
+def _einsum_low_precision_bwd(equations: tuple[str, str, str], res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    a, b = res
+    g = g.astype(a.dtype)
+    da = jnp.einsum(equations[1], g, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    db = jnp.einsum(equations[2], g, a, preferred_element_type=jnp.float32).astype(b.dtype)
+    return da, db
+
+
+_einsum_low_precision.defvjp(_einsum_low_precision_fwd, _einsum_low_precision_bwd)
 
 
 # ----------------------------------------------------------------------------- feed-forward
