@@ -150,3 +150,71 @@ def test_encode_pairs(bpe):
     assert f[0]["input_ids"] == tok("the dog")["input_ids"][:1]
     assert f[0]["labels"] == tok("der Hund")["input_ids"]
     assert f.counts["truncated sources"] == 1
+
+
+# ---------------------------------------------------------------------- determinism
+
+_TRAIN_IN_SUBPROCESS = """
+import json, sys
+from train import data
+corpus = json.loads(sys.stdin.read())
+tok = data.train_tokenizer(corpus, kind=sys.argv[1], vocab_size=int(sys.argv[2]), min_frequency=1)
+sys.stdout.write(tok.backend_tokenizer.to_str())
+"""
+
+
+def _train_in_subprocess(kind, vocab_size, hash_seed):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed)}
+    out = subprocess.run([sys.executable, "-c", _TRAIN_IN_SUBPROCESS, kind, str(vocab_size)],
+                         input=json.dumps(CORPUS), capture_output=True, text=True, env=env, check=True, timeout=120)
+    return out.stdout
+
+
+@pytest.mark.parametrize("kind,vocab_size", [("wordpiece", 120), ("bpe", 300)])
+def test_training_gives_the_same_tokenizer_in_every_process(kind, vocab_size):
+    """Fresh processes (new Python and Rust hash seeds) train the same tokenizer, ids included.
+
+    ``tokenizers``' WordPiece trainer alone numbers its ``##`` tokens in a per-process hash
+    order (and breaks ties in merges by those numbers), so without ``train_tokenizer``'s fixed
+    numbering two processes essentially never agree on this corpus.
+    """
+    import json
+
+    first, second = _train_in_subprocess(kind, vocab_size, 1), _train_in_subprocess(kind, vocab_size, 2)
+    assert len(json.loads(first)["model"]["vocab"]) == vocab_size  # merges were learnt
+    assert first == second
+
+
+def test_wordpiece_ids_specials_then_sorted_alphabet(wordpiece):
+    """Layout of the trained vocabulary, from an independent split of the corpus into words:
+    specials, every character sorted by code point, ``##`` + every character seen inside a
+    word, sorted, then merges; only the five specials are special tokens."""
+    import re
+
+    tok, _ = wordpiece
+    words = [w for text in CORPUS for w in re.findall(r"\w+|[^\w\s]", text)]
+    chars = sorted({c for w in words for c in w})
+    inner = ["##" + c for c in sorted({c for w in words for c in w[1:]})]
+    by_id = tok.convert_ids_to_tokens(list(range(len(tok))))
+    n = 5
+    assert by_id[:n] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert by_id[n:n + len(chars)] == chars
+    assert by_id[n + len(chars):n + len(chars) + len(inner)] == inner
+    assert all(len(t.removeprefix("##")) > 1 for t in by_id[n + len(chars) + len(inner):])
+    assert sorted(tok.all_special_tokens) == sorted(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    assert [t.content for t in tok.backend_tokenizer.get_added_tokens_decoder().values()] == by_id[:n]
+    # characters are ordinary vocabulary (a special "q" would cut "quick" before WordPiece sees it):
+    # every word is split by greedy longest match, WordPiece's rule
+    vocab = set(by_id)
+    for w in words:
+        expected, start = [], 0
+        while start < len(w):
+            end = next(e for e in range(len(w), start, -1) if ("##" if start else "") + w[start:e] in vocab)
+            expected.append(("##" if start else "") + w[start:end])
+            start = end
+        assert tok.tokenize(w) == expected, w

@@ -9,6 +9,7 @@ pads them into arrays.
 from __future__ import annotations
 
 import collections
+import json
 import os
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -84,13 +85,7 @@ def train_tokenizer(
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     if kind == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=list(WORDPIECE_SPECIALS),
-                                            show_progress=False)
-        tok.train_from_iterator(texts, trainer)
+        tok = _train_wordpiece(texts, vocab_size=vocab_size, min_frequency=min_frequency, lowercase=lowercase)
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
@@ -123,6 +118,49 @@ def train_tokenizer(
     if save_dir is not None:
         fast.save_pretrained(os.fspath(save_dir))
     return fast
+
+
+def _wordpiece_tokenizer(lowercase: bool):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
+def _train_wordpiece(texts: Iterable[str], *, vocab_size: int, min_frequency: int, lowercase: bool):
+    """A WordPiece ``tokenizers.Tokenizer`` trained on ``texts``, the same in every process.
+
+    ``tokenizers``' trainer (a BPE trainer with the ``##`` continuation prefix) numbers the
+    continuation tokens ``##c`` in the iteration order of a Rust hash map, which is seeded
+    anew in each process, and it breaks ties between equally frequent pairs by those numbers:
+    two trainings on the same texts give different vocabularies
+    (https://github.com/huggingface/tokenizers/issues/1794). Here a first pass with no merges
+    finds the alphabet and its continuation tokens; the second pass lists them, sorted by code
+    point, after the special tokens, so every id is fixed before training starts: specials,
+    characters, ``##`` characters, then merges in order. The listed tokens stay ordinary
+    vocabulary entries (they are removed from the special tokens again).
+    """
+    from tokenizers import Tokenizer, trainers
+
+    texts = list(texts)  # read twice
+    probe = _wordpiece_tokenizer(lowercase)
+    probe.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=0, special_tokens=list(WORDPIECE_SPECIALS),
+                                                               show_progress=False))
+    seen = [t for t in probe.get_vocab() if t not in WORDPIECE_SPECIALS]
+    chars = sorted((t for t in seen if len(t) == 1), key=ord)
+    continuations = sorted((t for t in seen if t.startswith("##") and len(t) == 3), key=lambda t: ord(t[2]))
+    if len(chars) + len(continuations) != len(seen):
+        raise RuntimeError(f"unexpected tokens in the WordPiece alphabet: "
+                           f"{sorted(set(seen) - set(chars) - set(continuations))[:10]}")
+    tok = _wordpiece_tokenizer(lowercase)
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        special_tokens=[*WORDPIECE_SPECIALS, *chars, *continuations]))
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in WORDPIECE_SPECIALS]
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def align_labels(
