@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 import jaxloss
-from train.data.text import read_text
 from train.data.tokenization import encode_lm
-from train.tasks.base import Batch, Task, fused_token_loss
+from train.tasks.base import Batch, fused_token_loss
+from train.tasks.text import TextTask
 
 
 @dataclasses.dataclass
-class LmTask(Task):
+class LmTask(TextTask):
     """Next-token prediction; the model head is causal (a decoder, or a causal head on a shared trunk)."""
 
     def __post_init__(self) -> None:
@@ -29,12 +29,6 @@ class LmTask(Task):
         self.term_kind = "classification"
         self.main_metric = "perplexity"
         self.greater_is_better = False
-
-    def read(self, path: str) -> Sequence[Any]:
-        return read_text(path, unit="paragraph")
-
-    def texts(self, records: Sequence[Any]) -> Iterable[str]:
-        return (r.text for r in records)
 
     def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool = True) -> list[dict[str, Any]]:
         return encode_lm(tokenizer, records, block_size=self.max_length)

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 import jaxloss
-from train.data.text import read_text
 from train.data.tokenization import IGNORE_INDEX, encode_lm
-from train.tasks.base import Batch, Task, fused_token_loss, token_count
+from train.tasks.base import Batch, fused_token_loss, token_count
+from train.tasks.text import TextTask
 
 
 @dataclasses.dataclass
-class MlmTask(Task):
+class MlmTask(TextTask):
     """Masked-token prediction with a head tied to the input embeddings."""
 
     mask_probability: float = 0.15
@@ -35,12 +35,6 @@ class MlmTask(Task):
         self.term_kind = "classification"
         self.main_metric = "perplexity"
         self.greater_is_better = False
-
-    def read(self, path: str) -> Sequence[Any]:
-        return read_text(path, unit="paragraph")
-
-    def texts(self, records: Sequence[Any]) -> Iterable[str]:
-        return (r.text for r in records)
 
     def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool = True) -> list[dict[str, Any]]:
         if tokenizer.mask_token_id is None:
