@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -50,25 +50,37 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def run_worker(module: str, args: Sequence[str], *, env: Mapping[str, str | None] | None = None,
+               label: str = "") -> dict[str, Any]:
+    """Runs ``python -m module ARGS`` in a fresh process from the repository root; returns the
+    JSON object on the last line of its output.
+
+    ``env`` changes the environment of that process (a value ``None`` removes the variable):
+    settings read once at start-up, such as ``GLIBC_TUNABLES`` or XLA's simulated device
+    count, need a process of their own. The worker's stderr is passed through; a failure
+    raises ``RuntimeError`` with its end.
+    """
+    child = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            child.pop(key, None)
+        else:
+            child[key] = value
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=child, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} worker{f' ({label})' if label else ''} failed:\n{proc.stderr[-4000:]}")
+    sys.stderr.write(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_per_allocator(module: str, args: Sequence[str], allocators: Sequence[str]) -> dict[str, Any]:
     """Runs ``python -m module --worker ARGS`` once per allocator setting; returns their JSON outputs."""
-    results = {}
-    for name in allocators:
-        env = dict(os.environ)
-        env.pop("GLIBC_TUNABLES", None)
-        env.update(ALLOCATORS[name])
-        proc = subprocess.run(
-            [sys.executable, "-m", module, "--worker", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{module} worker ({name} allocator) failed:\n{proc.stderr[-4000:]}")
-        sys.stderr.write(proc.stderr)
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return results
+    return {
+        name: run_worker(module, ["--worker", *args], env={"GLIBC_TUNABLES": None, **ALLOCATORS[name]},
+                         label=f"{name} allocator")
+        for name in allocators
+    }
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

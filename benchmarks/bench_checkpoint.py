@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._harness import format_table, save_json
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks._harness import format_table, run_worker, save_json
 
 
 # --------------------------------------------------------------------------- part 1
@@ -180,19 +175,12 @@ def scaling_worker(devices: int, steps: int) -> dict[str, Any]:
 
 
 def run_scaling(device_counts: list[int], steps: int) -> list[dict[str, Any]]:
-    out = []
-    for n in device_counts:
-        env = dict(os.environ)
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
-        env["JAX_PLATFORMS"] = "cpu"
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.bench_checkpoint", "--scaling-worker", str(n), "--steps", str(steps)],
-            env=env, capture_output=True, text=True, cwd=ROOT,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"scaling worker with {n} devices failed:\n{proc.stderr[-4000:]}")
-        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return out
+    return [
+        run_worker("benchmarks.bench_checkpoint", ["--scaling-worker", str(n), "--steps", str(steps)],
+                   env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"},
+                   label=f"{n} devices")
+        for n in device_counts
+    ]
 
 
 # --------------------------------------------------------------------------- main
