@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -133,9 +134,11 @@ def _make_batchers(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, d
         train_records, eval_records = records[task.name]
         train_features = task.encode(tokenizer, train_records)
         _log_counts(task.name, "train", train_records, train_features)
+        # every process builds the whole global batch: per-example randomness (masked-LM
+        # corruption) is then drawn once for the global batch, the same on any number of
+        # processes, and each process hands its devices their rows (_device_batch)
         train = Batcher(train_features, config.batch_size, pad_id=pad_id, shuffle=True, seed=config.seed,
-                        pad_to_multiple=pad_multiple, max_length=config.max_length,
-                        process_index=jax.process_index(), process_count=jax.process_count())
+                        pad_to_multiple=pad_multiple, max_length=config.max_length)
         eval_batches: list[dict[str, np.ndarray]] = []
         if eval_records is not None:
             if config.max_eval_examples:
@@ -165,9 +168,15 @@ def _prepare(task: Task, batch: dict[str, np.ndarray], rng: np.random.Generator)
 
 
 def _device_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, Any]:
-    """This process's rows of a global training batch, as global arrays split over the batch axes."""
-    arrays = {k: v for k, v in batch.items() if k != "example_index"}
-    return sharding.shard_batch(arrays, mesh)
+    """A global training batch (the same on every process) as global arrays split over the batch axes.
+
+    Each of this process's devices gets the rows the batch sharding assigns it, whatever the
+    mesh's layout of processes.
+    """
+    def place(x: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh, x.ndim), lambda index: x[index])
+
+    return {k: place(np.asarray(v)) for k, v in batch.items() if k != "example_index"}
 
 
 def _replicated_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, Any]:
@@ -236,9 +245,10 @@ def run(config: TrainConfig) -> dict[str, float]:
     model.eval()
     eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
     params = sharding.shard_state(params, mesh)
-    log_vars = jax.device_put(composite.init(), NamedSharding(mesh, PartitionSpec()))
-    # jit places the moments like the parameters; scalars (step counts) go on every device
-    opt_state = _on_mesh(jax.jit(optimizer.init)((params, log_vars)), mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    log_vars = jax.device_put(composite.init(), replicated)
+    state_shardings = _state_shardings(optimizer, params, log_vars, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=state_shardings[2])((params, log_vars))
     main = tasks[0]
     best_metric = config.best_metric or f"eval/{main.name}/{main.main_metric}"
     greater = main.greater_is_better if config.best_metric is None else not best_metric.endswith(("loss", "perplexity", "mse", "nll"))
@@ -253,8 +263,9 @@ def run(config: TrainConfig) -> dict[str, float]:
             data[name].train.restore(position)
         logger.info("resumed from %s at step %d", restored.path, step)
 
+    # the step returns the state laid out as it came in: one compilation, and donation reuses the buffers
     train_step = jax.jit(make_train_step(graphdef, tasks, composite, optimizer, config.grad_accum, schedule),
-                         donate_argnums=(0, 1, 2))
+                         donate_argnums=(0, 1, 2), out_shardings=(*state_shardings, replicated))
     eval_steps = {t.name: jax.jit(make_eval_step(eval_graphdef, t), out_shardings=NamedSharding(mesh, PartitionSpec()))
                   for t in tasks}
     key = jax.random.key(config.seed)
@@ -379,14 +390,21 @@ def _improved(value: float | None, best: float | None, greater: bool) -> bool:
     return best is None or (value > best if greater else value < best)
 
 
-def _on_mesh(tree: Any, mesh: Any) -> Any:
-    """Replicates over the mesh any array that lives on fewer devices than the mesh has."""
+def _state_shardings(optimizer: Any, params: Any, log_vars: Any, mesh: Any) -> tuple[Any, Any, Any]:
+    """The shardings of ``(params, log_vars, opt_state)``, kept by every step.
+
+    Parameters keep the sharding the rules gave them; each optimizer moment that mirrors a
+    parameter gets that parameter's sharding; scalars (step counts) are replicated. Left to
+    XLA, the moments would be created replicated and the step's outputs laid out unlike its
+    inputs, so the second step would compile again.
+    """
     replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(x: Any) -> Any:
-        return x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated)
-
-    return jax.tree.map(place, tree)
+    params_shardings = jax.tree.map(lambda x: x.sharding, params)
+    log_vars_sharding = jax.tree.map(lambda x: x.sharding, log_vars)
+    abstract = jax.eval_shape(optimizer.init, (params, log_vars))
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract, (params_shardings, log_vars_sharding),
+                                          transform_non_params=lambda _: replicated)
+    return params_shardings, log_vars_sharding, opt_shardings
 
 
 def _abstract(tree: Any) -> Any:
