@@ -316,3 +316,21 @@ def test_compiled_memory_holds_no_extra_weight_sized_buffers():
     accumulator, weight = 4 * d * v, 2 * d * v
     assert temp_bytes() <= accumulator + weight // 4
     assert temp_bytes(low_memory=True) <= 4 * n * d + weight // 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(jax.devices()) >= 8, reason="this process already has 8 devices: the tests above ran on them")
+def test_sharded_tests_on_eight_devices():
+    """The vocabulary-, token- and jit-sharded tests above, rerun on 8 simulated devices."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "shard_map_equals_one_device or named_shardings_equals_one_device"],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "8 passed" in proc.stdout, proc.stdout[-2000:]
