@@ -75,7 +75,10 @@ class Batcher:
         it with rows whose ``example_mask`` is False.
       pad_values: padding per field name, over the defaults above.
       process_index, process_count: produce only this process's rows of each global
-        batch (:func:`shard_batch`); every process computes the same global order.
+        batch (:func:`shard_batch`, the ``process_index``-th contiguous block); every
+        process computes the same global order. The block matches a mesh only where
+        process ``p`` holds the ``p``-th block of batch shards; the training loop builds
+        the global batch on every process instead and places rows by the batch sharding.
 
     Example:
       >>> feats = [{"input_ids": [5] * n, "labels": n % 2} for n in (3, 20, 4, 18, 5)]
