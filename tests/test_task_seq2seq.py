@@ -54,6 +54,7 @@ def test_sources_and_targets_end_with_eos_within_max_length(tmp_path):
     short = tok("ein", add_special_tokens=False)["input_ids"]
     assert features[1]["input_ids"] == short + [eos]
     assert with_eos([], 2, 4) == [2]
+    assert features.counts == {"truncated sources": 1, "truncated targets": 1}
 
 
 def test_decode_generated_cuts_at_eos_and_drops_the_start_token():

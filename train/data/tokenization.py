@@ -200,7 +200,8 @@ def align_labels(
     return out
 
 
-def _note_truncated(counts: collections.Counter[str], n: int, what: str, max_length: int) -> None:
+def note_truncated(counts: collections.Counter[str], n: int, what: str, max_length: int) -> None:
+    """Counts (under ``"truncated <what>"``) and logs ``n`` inputs cut to ``max_length`` tokens."""
     if n:
         counts[f"truncated {what}"] += n
         logger.warning("%d %s longer than max_length=%d were truncated", n, what, max_length)
@@ -257,7 +258,7 @@ def encode_tagged(
                                       label_all_subwords=label_all_subwords,
                                       continuation=continuation)
         out.append(feat)
-    _note_truncated(counts, truncated, "sentences", max_length)
+    note_truncated(counts, truncated, "sentences", max_length)
     return out
 
 
@@ -302,7 +303,7 @@ def encode_texts(
                                                   f"map {sorted(label_to_id)})")
             feat["labels"] = label_to_id[e.label]
         out.append(feat)
-    _note_truncated(counts, truncated, "texts", max_length)
+    note_truncated(counts, truncated, "texts", max_length)
     return out
 
 
@@ -330,8 +331,8 @@ def encode_pairs(
         out.append({"input_ids": ids[:max_source_length],
                     "attention_mask": mask[:max_source_length],
                     "labels": labels[:max_target_length]})
-    _note_truncated(counts, cut_s, "sources", max_source_length)
-    _note_truncated(counts, cut_t, "targets", max_target_length)
+    note_truncated(counts, cut_s, "sources", max_source_length)
+    note_truncated(counts, cut_t, "targets", max_target_length)
     return out
 
 

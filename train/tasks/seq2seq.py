@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import re
+import sys
 from typing import Any, Iterable, Sequence
 
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ import jaxloss
 from train import metrics
 from train.data.records import DataError, ParallelExample, Records, open_text
 from train.data.text import read_parallel, read_parallel_jsonl, read_text
-from train.data.tokenization import IGNORE_INDEX, encode_pairs
+from train.data.tokenization import IGNORE_INDEX, encode_pairs, note_truncated
 from train.tasks.base import Batch, Task, fused_token_loss, infer_format
 
 logger = logging.getLogger("train")
@@ -143,12 +144,15 @@ class Seq2SeqTask(Task):
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError(f"task {self.name!r}: the tokenizer has no end-of-sequence token")
-        features = encode_pairs(tokenizer, records, max_source_length=self.max_length + 1,
-                                max_target_length=self.max_length + 1)
+        features = encode_pairs(tokenizer, records, max_source_length=sys.maxsize, max_target_length=sys.maxsize)
+        truncated = {"sources": 0, "targets": 0}
         for f in features:
-            f["input_ids"] = with_eos(f["input_ids"], eos, self.max_length)
+            for key, what in (("input_ids", "sources"), ("labels", "targets")):
+                truncated[what] += len(with_eos(f[key], eos, sys.maxsize)) > self.max_length
+                f[key] = with_eos(f[key], eos, self.max_length)
             f["attention_mask"] = [1] * len(f["input_ids"])
-            f["labels"] = with_eos(f["labels"], eos, self.max_length)
+        for what, n in truncated.items():
+            note_truncated(features.counts, n, what, self.max_length)
         return features
 
     def encode_source(self, tokenizer: Any, text: str) -> list[int]:
