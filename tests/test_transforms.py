@@ -137,6 +137,28 @@ def test_axis_name_gives_the_global_reduction_inside_shard_map(mesh, reduction):
         np.testing.assert_allclose(float(out), float(whole), rtol=1e-6)
 
 
+def test_axis_name_gives_the_global_mean_under_legacy_pmap(mesh):
+    """``jax.pmap`` with an ``axis_name``: every device returns the global token mean; the usual
+    ``pmean`` of per-device gradients then gives the exact gradient of that mean."""
+    x, w, targets = _sharded_problem()
+    t = targets.reshape(4, 4)
+
+    def local(w, x, t):
+        return jaxloss.cross_entropy(x @ w, t, label_smoothing=0.1, axis_name="data")
+
+    def step(w, x, t):
+        value, grad = jax.value_and_grad(local)(w, x, t)
+        return value, jax.lax.pmean(grad, "data")
+
+    replicated_w = jnp.broadcast_to(w, (4, *w.shape))
+    value, grad = jax.pmap(step, axis_name="data")(replicated_w, x.reshape(4, 4, 5), t)
+    whole = lambda w: jaxloss.cross_entropy(x @ w, targets, label_smoothing=0.1)  # noqa: E731
+    want, want_grad = jax.value_and_grad(whole)(w)
+    np.testing.assert_allclose(np.asarray(value), np.full(4, float(want)), rtol=1e-6)
+    for device in range(4):
+        np.testing.assert_allclose(np.asarray(grad[device]), np.asarray(want_grad), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "loss_name",
     ["cross_entropy", "mse_loss", "binary_cross_entropy_with_logits", "kl_div_batchmean", "sequence_nll_loss"],
