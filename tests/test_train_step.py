@@ -16,6 +16,8 @@ from train.models import BertMultiTask, from_config
 from train.step import make_train_step
 from train.tasks import NerTask, RegressTask
 
+ONE = jnp.asarray(1.0, jnp.float32)  # learning-rate multiplier that keeps the optimizer's own step
+
 VOCAB, LENGTH, TAGS = 50, 12, ["O", "B-X", "I-X"]
 
 
@@ -52,9 +54,9 @@ def _run_step(grad_accum: int, batch: dict, optimizer=None):
     task = _ner_task()
     composite = jaxloss.CompositeLoss((jaxloss.Term("ner"),))
     optimizer = optimizer or optax.sgd(0.5)
-    step = make_train_step(graphdef, [task], composite, optimizer, grad_accum, lambda s: jnp.asarray(0.5))
+    step = make_train_step(graphdef, [task], composite, optimizer, grad_accum)
     opt_state = optimizer.init((params, {}))
-    new_params, _, _, metrics = jax.jit(step)(params, {}, opt_state, rest, jnp.asarray(0), {"ner": batch}, jax.random.key(0))
+    new_params, _, _, metrics = jax.jit(step)(params, {}, opt_state, rest, jnp.asarray(0), ONE, {"ner": batch}, jax.random.key(0))
     return params, new_params, metrics
 
 
@@ -85,16 +87,16 @@ def test_non_finite_loss_skips_the_step():
     task = RegressTask(name="sts", train_file=None, eval_file=None)
     composite = jaxloss.CompositeLoss((jaxloss.Term("sts", kind="regression"),))
     optimizer = optax.adam(1e-2)
-    step = jax.jit(make_train_step(graphdef, [task], composite, optimizer, 1, lambda s: jnp.asarray(1e-2)))
+    step = jax.jit(make_train_step(graphdef, [task], composite, optimizer, 1))
     opt_state = optimizer.init((params, {}))
     batch = {"input_ids": jnp.ones((4, 6), jnp.int32), "attention_mask": jnp.ones((4, 6), jnp.int32),
              "labels": jnp.array([1.0, jnp.nan, 2.0, 3.0]), "example_mask": jnp.ones((4,), bool)}
-    new_params, _, new_opt, metrics = step(params, {}, opt_state, rest, jnp.asarray(0), {"sts": batch}, jax.random.key(0))
+    new_params, _, new_opt, metrics = step(params, {}, opt_state, rest, jnp.asarray(0), ONE, {"sts": batch}, jax.random.key(0))
     assert not bool(metrics["train/finite"])
     for a, b in zip(jax.tree.leaves((params, opt_state)), jax.tree.leaves((new_params, new_opt))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     good = {**batch, "labels": jnp.array([1.0, 0.5, 2.0, 3.0])}
-    moved, _, _, metrics = step(params, {}, opt_state, rest, jnp.asarray(0), {"sts": good}, jax.random.key(0))
+    moved, _, _, metrics = step(params, {}, opt_state, rest, jnp.asarray(0), ONE, {"sts": good}, jax.random.key(0))
     assert bool(metrics["train/finite"])
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(moved)))
 
@@ -110,10 +112,10 @@ def test_composite_total_matches_closed_form(balancing):
                                       balancing=balancing)
     log_vars = {"ner": jnp.asarray(0.3), "sts": jnp.asarray(-0.2)} if balancing == "uncertainty" else {}
     optimizer = optax.sgd(0.0)
-    step = jax.jit(make_train_step(graphdef, [ner, sts], composite, optimizer, 2, lambda s: jnp.asarray(0.0)))
+    step = jax.jit(make_train_step(graphdef, [ner, sts], composite, optimizer, 2))
     sts_batch = {"input_ids": jnp.ones((8, 6), jnp.int32), "attention_mask": jnp.ones((8, 6), jnp.int32),
                  "labels": jnp.linspace(0.0, 5.0, 8), "example_mask": jnp.ones((8,), bool)}
-    _, _, _, metrics = step(params, log_vars, optimizer.init((params, log_vars)), rest, jnp.asarray(0),
+    _, _, _, metrics = step(params, log_vars, optimizer.init((params, log_vars)), rest, jnp.asarray(0), ONE,
                             {"ner": _ner_batch(8, 1), "sts": sts_batch}, jax.random.key(0))
     l_ner, l_sts = float(metrics["train/ner"]), float(metrics["train/sts"])
     if balancing == "static":
@@ -121,3 +123,56 @@ def test_composite_total_matches_closed_form(balancing):
     else:
         expected = 2.0 * np.exp(-0.3) * l_ner + 0.15 + 0.5 * 0.5 * np.exp(0.2) * l_sts - 0.1
     np.testing.assert_allclose(float(metrics["train/loss"]), expected, rtol=1e-5)
+
+
+def test_learning_rate_multiplier_equals_adamw_with_that_rate():
+    """make_optimizer's unit-rate AdamW scaled by lr in the step == optax.adamw(lr), masked decay included."""
+    from train.optim import decay_mask, make_optimizer
+
+    batch = _ner_batch(8, seed=3)
+    with sharding.unsharded():
+        model = from_config(_bert_config(), "BertForTokenClassification", num_labels=len(TAGS))
+    graphdef, params, rest = _split(model)
+    composite = jaxloss.CompositeLoss((jaxloss.Term("ner"),))
+    lr = 3e-3
+    ours = make_optimizer(weight_decay=0.1, clip_norm=0.0)
+    step = jax.jit(make_train_step(graphdef, [_ner_task()], composite, ours, 1))
+    got, _, _, _ = step(params, {}, ours.init((params, {})), rest, jnp.asarray(0), jnp.asarray(lr, jnp.float32),
+                        {"ner": batch}, jax.random.key(0))
+    reference = optax.adamw(lr, weight_decay=0.1, mask=decay_mask)
+    ref_step = jax.jit(make_train_step(graphdef, [_ner_task()], composite, reference, 1))
+    want, _, _, _ = ref_step(params, {}, reference.init((params, {})), rest, jnp.asarray(0), ONE, {"ner": batch},
+                             jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_learning_rate_at_equals_optax_schedules(kind):
+    from train.optim import learning_rate_at
+
+    horizon, warmup, peak = 50, 7, 2e-3
+    decay = {"linear": optax.linear_schedule(peak, 0.0, horizon - warmup),
+             "cosine": optax.cosine_decay_schedule(peak, horizon - warmup),
+             "constant": optax.constant_schedule(peak)}[kind]
+    reference = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+    for step in range(horizon + 3):
+        np.testing.assert_allclose(learning_rate_at(step, horizon, peak, warmup, kind), float(reference(step)),
+                                   rtol=1e-5, atol=1e-9)
+
+
+def test_budget_horizon_follows_the_pace(monkeypatch):
+    import time
+
+    from train.config import TrainConfig
+    from train.loop import Budget
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    budget = Budget(TrainConfig(max_minutes=2.0, epochs=100), steps_per_epoch=50)
+    assert budget.total_steps == 5000 and budget.horizon(10, None) == 5000
+    clock[0] += 20.0  # 100 s left
+    assert budget.horizon(10, 0.5) == 10 + 200
+    assert budget.horizon(10, 0.001) == 5000  # never past the step or epoch budget
+    unbounded = Budget(TrainConfig(max_steps=40), steps_per_epoch=50)
+    assert unbounded.horizon(3, 0.5) == 40

@@ -9,6 +9,7 @@ without improvement, always with a final evaluation, checkpoint and model.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -30,7 +31,7 @@ from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
 from train.config import TaskSpec, TrainConfig
 from train.data.batching import Batcher
 from train.modeling import build_model, build_tokenizer, save_final_model
-from train.optim import learning_rate_schedule, make_optimizer
+from train.optim import learning_rate_at, make_optimizer
 from train.plots import plot_run
 from train.recorder import MetricsRecorder
 from train.step import make_eval_step, make_train_step
@@ -39,6 +40,7 @@ from train.tasks import TASK_CLASSES, Task
 logger = logging.getLogger("train")
 
 NONFINITE_LIMIT = 5  # consecutive skipped steps after which the run stops
+PACE_EVERY = 10  # a run with a wall-clock budget re-estimates its horizon every this many steps
 
 
 def task_specs(config: TrainConfig) -> list[TaskSpec]:
@@ -187,7 +189,7 @@ def _replicated_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, A
 
 
 class Budget:
-    """The stopping rules: steps, epochs, wall-clock minutes."""
+    """The stopping rules: steps, epochs, wall-clock minutes; and the horizon they allow."""
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int):
         epochs_steps = math.ceil(config.epochs * steps_per_epoch) if config.epochs else None
@@ -195,11 +197,43 @@ class Budget:
         self.total_steps = min(candidates) if candidates else steps_per_epoch
         self.deadline = time.monotonic() + 60 * config.max_minutes if config.max_minutes else None
 
+    def horizon(self, step: int, seconds_per_step: float | None) -> int:
+        """The step the run will end at: ``total_steps``, or sooner where the clock runs out first
+        at ``seconds_per_step`` (evaluations and saves included in that pace)."""
+        if self.deadline is None or not seconds_per_step:
+            return self.total_steps
+        remaining = max(0.0, self.deadline - time.monotonic())
+        return max(step + 1, min(self.total_steps, step + int(remaining / seconds_per_step)))
+
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
     def minutes_left(self) -> float | None:
         return None if self.deadline is None else max(0.0, (self.deadline - time.monotonic()) / 60)
+
+
+class Pace:
+    """Seconds per training step: the median of the recent steps' wall times (robust to the
+    compilation a new batch shape costs) plus the evaluations' and saves' time spread over
+    every step so far."""
+
+    def __init__(self, window: int = 50):
+        self.times: collections.deque[float] = collections.deque(maxlen=window)
+        self.steps = 0
+        self.paused = 0.0
+
+    def step(self, seconds: float) -> None:
+        self.times.append(seconds)
+        self.steps += 1
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def seconds_per_step(self) -> float | None:
+        """None until ``PACE_EVERY`` steps have been timed."""
+        if len(self.times) < PACE_EVERY:
+            return None
+        return float(np.median(self.times)) + self.paused / self.steps
 
 
 def run(config: TrainConfig) -> dict[str, float]:
@@ -232,11 +266,13 @@ def run(config: TrainConfig) -> dict[str, float]:
     steps_per_epoch = max(len(d.train.epoch_plan(0)) for d in data.values())
     budget = Budget(config, steps_per_epoch)
     total_steps = budget.total_steps
-    eval_every = config.eval_every or max(1, total_steps // 5)
-    save_every = config.save_every or eval_every
-    warmup = config.warmup_steps if config.warmup_steps is not None else int(0.06 * total_steps)
-    schedule = learning_rate_schedule(config.learning_rate, total_steps, warmup, config.schedule)
-    optimizer = make_optimizer(learning_rate=schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm)
+    # a run with a wall-clock budget learns its horizon (and so its schedule and evaluation
+    # interval) from its pace; any other run knows it from the start
+    horizon = total_steps
+    paced = budget.deadline is not None
+    eval_every = config.eval_every or (None if paced else max(1, total_steps // 5))
+    save_every = config.save_every or eval_every or total_steps
+    optimizer = make_optimizer(weight_decay=config.weight_decay, clip_norm=config.clip_norm)
     composite = composite_loss(config, tasks)
 
     model = build_model(config, tasks, tokenizer, mesh)
@@ -264,7 +300,7 @@ def run(config: TrainConfig) -> dict[str, float]:
         logger.info("resumed from %s at step %d", restored.path, step)
 
     # the step returns the state laid out as it came in: one compilation, and donation reuses the buffers
-    train_step = jax.jit(make_train_step(graphdef, tasks, composite, optimizer, config.grad_accum, schedule),
+    train_step = jax.jit(make_train_step(graphdef, tasks, composite, optimizer, config.grad_accum),
                          donate_argnums=(0, 1, 2), out_shardings=(*state_shardings, replicated))
     eval_steps = {t.name: jax.jit(make_eval_step(eval_graphdef, t), out_shardings=NamedSharding(mesh, PartitionSpec()))
                   for t in tasks}
@@ -301,19 +337,36 @@ def run(config: TrainConfig) -> dict[str, float]:
     tokens_in_window = 0
     window_start = time.perf_counter()
     stop_reason = "reached the step budget"
+    pace = Pace()
     with PreemptionHandler() as preemption:
         while step < total_steps:
+            step_start = time.perf_counter()
             batches = {}
             for name, d in data.items():
                 host = next(d.train)
                 host = _prepare(d.task, host, np.random.default_rng([config.seed, step, len(name)]))
                 tokens_in_window += int(np.sum(host.get("attention_mask", host["example_mask"])))
                 batches[name] = _device_batch(host, mesh)
+            learning_rate = learning_rate_at(step, horizon, config.learning_rate, config.warmup_steps, config.schedule)
             params, log_vars, opt_state, metrics = train_step(
-                params, log_vars, opt_state, rest, jnp.asarray(step, jnp.int32), batches, jax.random.fold_in(key, step)
+                params, log_vars, opt_state, rest, jnp.asarray(step, jnp.int32), jnp.asarray(learning_rate, jnp.float32),
+                batches, jax.random.fold_in(key, step)
             )
             step += 1
             metrics = jax.device_get(metrics)
+            pace.step(time.perf_counter() - step_start)
+            if paced and step % PACE_EVERY == 0 and pace.seconds_per_step() is not None:
+                # the slowest process's pace, so that every process takes the same schedule
+                seconds = distributed.all_reduce_max(pace.seconds_per_step())
+                horizon = budget.horizon(step, seconds)
+                if eval_every is None:
+                    eval_every = max(1, (horizon - step) // 5)
+                    checkpoints.save_every = config.save_every or eval_every
+                    logger.info("%.3f s per step: the %g-minute budget allows about %d steps; evaluating every %d",
+                                seconds, config.max_minutes, horizon, eval_every)
+                if progress is not None:
+                    progress.total = horizon
+                    progress.refresh()
             if not bool(metrics["train/finite"]):
                 nonfinite_run += 1
                 logger.warning("step %d: loss or gradient not finite; step skipped (%d in a row)", step, nonfinite_run)
@@ -335,7 +388,8 @@ def run(config: TrainConfig) -> dict[str, float]:
                 record["train/learning_rate"] = window[-1]["train/learning_rate"]
                 recorder.write(record)
                 window, tokens_in_window, window_start = [], 0, time.perf_counter()
-            if step % eval_every == 0 and step < total_steps:
+            pause_start = time.perf_counter()
+            if eval_every is not None and step % eval_every == 0 and step < total_steps:
                 last_eval = evaluate()
                 if last_eval:
                     recorder.write({"step": step, "epoch": _epoch(data), **last_eval})
@@ -352,6 +406,7 @@ def run(config: TrainConfig) -> dict[str, float]:
                     break
             elif checkpoints.should_save(step):
                 save()
+            pace.pause(time.perf_counter() - pause_start)
             # every process must stop at the same step: agree on signals and the clock
             if distributed.any_process(preemption.requested):
                 stop_reason = "a stop signal"

@@ -2,7 +2,9 @@
 
 .. math::
     \\eta_t = \\eta \\cdot \\min(1, t / T_w) \\cdot d(t), \\qquad
-    d \\in \\{ \\text{linear to 0}, \\text{cosine to 0}, 1 \\}
+    d \\in \\{ \\text{linear to 0 at } T, \\text{cosine to 0 at } T, 1 \\}
+
+with ``T`` the run's horizon: its step budget, or the steps its wall-clock budget allows.
 
 Weight decay applies to parameters with at least two dimensions (kernels and embeddings),
 never to biases, norm scales or the loss-balancing log-variances.
@@ -10,33 +12,39 @@ never to biases, norm scales or the loss-balancing log-variances.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import optax
 
 
-def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, kind: str) -> optax.Schedule:
-    """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then ``kind`` decay to 0 at ``total_steps``.
+def learning_rate_at(step: int, horizon: int, peak: float, warmup_steps: int | None, kind: str) -> float:
+    """The learning rate of ``step`` in a run of ``horizon`` steps: linear warmup from 0 to
+    ``peak`` over ``warmup_steps`` (default: 6% of the horizon), then ``kind`` decay
+    (``linear`` or ``cosine`` to 0 at the horizon, or ``constant``).
+
+    A run with a wall-clock budget re-estimates its horizon from its pace, so the schedule
+    fits the steps the budget allows.
 
     Example:
-      >>> s = learning_rate_schedule(1.0, 100, 10, "linear")
-      >>> float(s(0)), float(s(10)), float(s(55)), float(s(100))
-      (0.0, 1.0, 0.5, 0.0)
+      >>> [round(learning_rate_at(s, 100, 1.0, 10, "linear"), 3) for s in (0, 5, 10, 55, 100)]
+      [0.0, 0.5, 1.0, 0.5, 0.0]
+      >>> round(learning_rate_at(55, 100, 1.0, 10, "cosine"), 3), learning_rate_at(90, 100, 2.0, 10, "constant")
+      (0.5, 2.0)
     """
-    warmup_steps = max(0, min(warmup_steps, total_steps))
-    decay_steps = max(1, total_steps - warmup_steps)
-    if kind == "linear":
-        decay = optax.linear_schedule(peak, 0.0, decay_steps)
-    elif kind == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps)
-    elif kind == "constant":
-        decay = optax.constant_schedule(peak)
-    else:
+    if kind not in ("linear", "cosine", "constant"):
         raise ValueError(f"schedule={kind!r} must be linear, cosine or constant")
-    if warmup_steps == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), decay], [warmup_steps])
+    horizon = max(1, int(horizon))
+    warmup = int(0.06 * horizon) if warmup_steps is None else max(0, min(int(warmup_steps), horizon))
+    if step < warmup:
+        return peak * step / warmup
+    if kind == "constant":
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
+    if kind == "linear":
+        return peak * (1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def decay_mask(params: Any) -> Any:
@@ -46,15 +54,16 @@ def decay_mask(params: Any) -> Any:
 
 def make_optimizer(
     *,
-    learning_rate: optax.Schedule | float,
     weight_decay: float,
     clip_norm: float,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
 ) -> optax.GradientTransformation:
-    """Gradient clipping by global norm (when ``clip_norm > 0``) followed by masked AdamW."""
-    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    """Gradient clipping by global norm (when ``clip_norm > 0``) followed by masked AdamW at
+    unit learning rate: the training step scales its updates by the step's learning rate
+    (:func:`learning_rate_at`), which equals AdamW with that schedule."""
+    adamw = optax.adamw(1.0, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     if clip_norm and clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
     return adamw

@@ -71,9 +71,11 @@ def make_train_step(
     composite: jaxloss.CompositeLoss,
     optimizer: optax.GradientTransformation,
     grad_accum: int,
-    learning_rate: Callable[[Array], Array],
 ) -> Callable[..., tuple[Any, Any, Any, dict[str, Array]]]:
-    """A pure function ``(params, log_vars, opt_state, rest, step, batches, key) -> (params, log_vars, opt_state, metrics)``.
+    """A pure function ``(params, log_vars, opt_state, rest, step, learning_rate, batches, key) -> (params, log_vars, opt_state, metrics)``.
+
+    The optimizer's updates are multiplied by ``learning_rate`` (a float32 scalar chosen by
+    the caller each step; 1.0 leaves the optimizer's own step size).
 
     ``batches`` maps each task name to its global batch (arrays with a leading batch axis,
     split into ``grad_accum`` micro-batches here); ``rest`` is the model's non-parameter
@@ -81,7 +83,7 @@ def make_train_step(
     """
     learned = composite.balancing == "uncertainty"
 
-    def train_step(params, log_vars, opt_state, rest, step, batches, key):
+    def train_step(params, log_vars, opt_state, rest, step, learning_rate, batches, key):
         counts = {t.name: t.count(batches[t.name]) for t in tasks}
         zero = jnp.zeros((), jnp.float32)
         plan = composite({n: jaxloss.SumCount(zero, c) for n, c in counts.items()}, step=step,
@@ -113,12 +115,13 @@ def make_train_step(
         finite = jnp.isfinite(total) & _all_finite(all_grads)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 step count with floats
             updates, new_opt_state = optimizer.update(all_grads, opt_state, (params, log_vars))
+            updates = jax.tree.map(lambda u: (learning_rate * u).astype(u.dtype), updates)
             new_params, new_log_vars = optax.apply_updates((params, log_vars), updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         metrics = {
             "train/loss": total,
             "train/grad_norm": optax.tree.norm(grads),
-            "train/learning_rate": learning_rate(step),
+            "train/learning_rate": learning_rate,
             "train/finite": finite,
             **{f"train/{n}": out.unweighted[n] for n in sums},
             **{f"train/{n}_weighted": out.weighted[n] for n in sums},
