@@ -503,12 +503,7 @@ def generate_seq2seq(model: BartForConditionalGeneration, input_ids: Any, attent
     (``no_repeat_ngram_size=0``). ``length_penalty`` and ``early_stopping`` default to the
     config's (else 1.0 and False); the token ids default to the config's.
     """
-    ids = jnp.asarray(input_ids, jnp.int32)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, time), got shape {ids.shape}")
-    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has shape {ids.shape}")
+    ids, mask = G.prompt_arrays(input_ids, attention_mask)
     cfg = model.config
     limit = cfg.get("max_position_embeddings", 1024)
     if max_new_tokens > limit or ids.shape[1] > limit:

@@ -277,12 +277,7 @@ def generate(model: CausalLM, input_ids: Any, attention_mask: Any = None, *, max
     Generation options (``forced_eos_token_id=``, ...) and the algorithm: see
     :mod:`train.models.generation` and :func:`train.models.generate_seq2seq`.
     """
-    ids = jnp.asarray(input_ids, jnp.int32)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, time), got shape {ids.shape}")
-    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has shape {ids.shape}")
+    ids, mask = G.prompt_arrays(input_ids, attention_mask)
     limit = model.spec.max_positions if model.spec.positions == "learned" else None
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "

@@ -147,6 +147,23 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
+def prompt_arrays(input_ids: Any, attention_mask: Any = None) -> tuple[Array, Array]:
+    """``(ids, mask)`` as int32 ``(batch, time)`` arrays; the mask defaults to all ones.
+
+    Example:
+      >>> ids, mask = prompt_arrays([[5, 6]])
+      >>> ids.shape, mask.tolist()
+      ((1, 2), [[1, 1]])
+    """
+    ids = jnp.asarray(input_ids, jnp.int32)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, time), got shape {ids.shape}")
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has shape {ids.shape}")
+    return ids, mask
+
+
 def _ids(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
