@@ -68,8 +68,8 @@ CURVES = (
            "--max-length", "64", "--learning-rate", "1e-3")),
     Curve("stsb", "STS-B", "regress", "pearson", True, "ridge pair features",
           ("--train-file", "{shared}/stsb/sts-train.csv", "--eval-file", "{shared}/stsb/sts-dev.csv", "--format", "tsv",
-           "--text-column", "5", "--text-pair-column", "6", "--label-column", "4", "--max-length", "64",
-           "--learning-rate", "1e-3")),
+           "--text-column", "5", "--text-pair-column", "6", "--label-column", "4", "--pair-encoding", "siamese",
+           "--max-length", "64", "--learning-rate", "1e-3")),
     Curve("shakespeare", "tiny Shakespeare", "lm", "perplexity", False, "bigram BPE-8000 ids",
           ("--train-file", "{split}/input.train.txt", "--eval-file", "{split}/input.val.txt", "--max-length", "128",
            "--learning-rate", "2e-3")),
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"), help="folder with the full data sets")
     ap.add_argument("--minutes", type=float, default=6.0, help="wall-clock budget of each run")
-    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(c.key for c in CURVES)}")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(c.key for c in CURVES)}; "
+                    "the saved results of the others (same --minutes) are kept")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "curves"), help="where the run folders go")
     args = ap.parse_args(argv)
 
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {curve.dataset}: {curve.metric} final {r['final']} best {r['best']} after {r['steps']} steps; "
               f"{curve.baseline} {r['baseline_value']}", file=sys.stderr, flush=True)
 
+    results = _with_kept_results(results, args.minutes)
     rows = []
     for r in results:
         base = r["baseline_value"]
@@ -195,6 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     path = save_json("learning_curves", {"minutes": args.minutes, "results": results})
     print(f"saved {os.path.relpath(path, ROOT)} and {os.path.relpath(png, ROOT)}", file=sys.stderr)
     return 0
+
+
+def _with_kept_results(results: list[dict], minutes: float) -> list[dict]:
+    """``results`` plus the saved results of the data sets not run now (same budget), in
+    the order of :data:`CURVES`."""
+    path = RESULTS_DIR / "learning_curves.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if saved.get("minutes") != minutes:
+        return results
+    by_dataset = {r["dataset"]: r for r in saved.get("results", [])}
+    by_dataset.update({r["dataset"]: r for r in results})
+    order = [c.dataset for c in CURVES]
+    return sorted(by_dataset.values(), key=lambda r: order.index(r["dataset"]) if r["dataset"] in order else len(order))
 
 
 def _num(x: float | None) -> str:

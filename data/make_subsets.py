@@ -18,10 +18,10 @@ import random
 import sys
 
 SEED = 17
-WNUT_TRAIN_SENTENCES = 1000
-WNUT_DEV_SENTENCES = 300
+WNUT_TRAIN_SENTENCES = 3394  # all of them
+WNUT_DEV_SENTENCES = 1009  # all of them
 STSB_GENRES = ("images", "track5.en-en")  # the openly licensed sentence sources
-SHAKESPEARE_TRAIN_CHARS = 200_000
+SHAKESPEARE_TRAIN_CHARS = 1_000_000
 SHAKESPEARE_VAL_CHARS = 20_000
 
 # git blob ids of the upstream files (see README.md for the repositories and commits)

@@ -123,6 +123,21 @@ def test_encode_texts_labels(wordpiece):
         data.encode_texts(tok, cls, max_length=16, label_to_id={"neg": 0})
 
 
+def test_encode_text_pairs_apart(wordpiece):
+    tok, _ = wordpiece
+    reg = [data.TextExample("the dog", "a lazy dog", 4.2, "s.tsv", 1),
+           data.TextExample("the fox jumps over the lazy dog", "x", 0.5, "s.tsv", 2)]
+    feats = data.encode_text_pairs_apart(tok, reg, max_length=6)
+    assert feats[0]["input_ids"] == tok("the dog")["input_ids"]
+    assert feats[0]["pair_input_ids"] == tok("a lazy dog")["input_ids"]
+    assert feats[0]["pair_attention_mask"] == [1] * len(feats[0]["pair_input_ids"])
+    assert [f["labels"] for f in feats] == [4.2, 0.5]
+    assert len(feats[1]["input_ids"]) == 6 and feats.counts["truncated texts"] == 1
+    assert "token_type_ids" not in feats[0]
+    with pytest.raises(data.DataError, match=r"s\.tsv:7: .*needs text pairs"):
+        data.encode_text_pairs_apart(tok, [data.TextExample("the dog", None, 1.0, "s.tsv", 7)], max_length=6)
+
+
 def test_pack_blocks_is_the_concatenated_stream():
     lists = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11]]
     feats = data.pack_blocks(lists, 4, separator_id=0)

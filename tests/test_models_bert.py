@@ -148,3 +148,38 @@ def test_multitask_trunk_and_heads(tmp_path):
     grads = nnx.jit(nnx.grad(total))(model)
     assert float(jnp.abs(grads["bert"]["embeddings"]["word"]["embedding"][...]).sum()) > 0
     assert float(jnp.abs(grads["heads"]["mlm"]["bias"][...]).sum()) == 0.0
+
+
+def test_pair_similarity_head_is_the_cosine_of_masked_means():
+    """Against float64 numpy: the first B rows are the first texts, the next B their pairs."""
+    from train.models.heads import PairSimilarityHead
+
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(6, 5, 8)).astype(np.float32)
+    mask = np.ones((6, 5), np.int32)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    got = np.asarray(PairSimilarityHead()(jnp.asarray(h), jnp.asarray(mask)))
+    mean = (h.astype(np.float64) * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    u, v = mean[:3], mean[3:]
+    want = (u * v).sum(-1) / np.linalg.norm(u, axis=-1) / np.linalg.norm(v, axis=-1)
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"even number of rows.*\(5, 5, 8\)"):
+        PairSimilarityHead()(jnp.asarray(h[:5]), None)
+
+
+def test_multitask_pair_similarity_head():
+    """A siamese head on the shared trunk scores a text against itself 1 and is symmetric."""
+    model = BertMultiTask(_config().to_dict(), {"sts": ("pair_similarity", 1)}, rngs=nnx.Rngs(0))
+    model.eval()
+    batch, mask = _batch()
+    ids, m = jnp.asarray(batch["input_ids"]), jnp.asarray(mask)
+    swapped = jnp.concatenate([ids[1:2], ids[0:1]]), jnp.concatenate([m[1:2], m[0:1]])
+    same = model(input_ids=jnp.concatenate([ids, ids]), attention_mask=jnp.concatenate([m, m]))["sts"].logits
+    np.testing.assert_allclose(np.asarray(same), 1.0, rtol=1e-5)
+    pair = model(input_ids=ids[:2], attention_mask=m[:2])["sts"].logits
+    back = model(input_ids=swapped[0], attention_mask=swapped[1])["sts"].logits
+    np.testing.assert_allclose(np.asarray(pair), np.asarray(back), rtol=1e-6)
+    assert float(pair[0, 0]) < 0.999
+    with pytest.raises(ValueError, match="num_labels=2"):
+        BertMultiTask(_config().to_dict(), {"sts": ("pair_similarity", 2)}, rngs=nnx.Rngs(0))

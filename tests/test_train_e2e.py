@@ -58,6 +58,19 @@ def _regress_data(tmp: Path, n: int, seed: int) -> str:
     return _write(tmp / f"sts{seed}.tsv", rows)
 
 
+def _overlap_data(tmp: Path, n: int, seed: int) -> str:
+    """Two texts of four words; the score (0 to 4) is the number of words they share."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        shared = rng.randrange(5)
+        first = rng.sample(WORDS, 4)
+        second = rng.sample(first, shared) + rng.sample([w for w in WORDS if w not in first], 4 - shared)
+        rng.shuffle(second)
+        rows.append(f"{' '.join(first)}\t{' '.join(second)}\t{shared:.1f}")
+    return _write(tmp / f"overlap{seed}.tsv", rows)
+
+
 def _text_data(tmp: Path, n: int, seed: int) -> str:
     rng = random.Random(seed)
     paragraphs = []
@@ -148,6 +161,45 @@ def test_regress(tmp_path):
     first, last = _first_last(records, "train/loss")
     assert last < first
     assert _first_last(records, "eval/regress/pearson")[1] > 0.3
+
+
+def test_regress_siamese_and_predict_equal_transformers(tmp_path):
+    """--pair-encoding siamese: the loss falls, the model scores overlap, and the scores that
+    predict writes equal a float64 recomputation from the saved trunk in transformers."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    records = _train(tmp_path, "regress", "--train-file", _overlap_data(tmp_path, 320, 0),
+                     "--eval-file", _overlap_data(tmp_path, 64, 1), "--text-column", "0",
+                     "--text-pair-column", "1", "--label-column", "2", "--pair-encoding", "siamese",
+                     "--max-steps", "60", "--eval-every", "30", "--eval-on-start")
+    first, last = _first_last(records, "train/loss")
+    assert last < first
+    evals = [r for r in records if "eval/regress/pearson" in r]
+    assert [r["step"] for r in evals] == [0, 30, 60]
+    assert evals[-1]["eval/regress/pearson"] > 0.6
+    run = tmp_path / "run_regress"
+    assert json.loads((run / "model" / "heads.json").read_text())["regress"]["kind"] == "pair_similarity"
+    pairs = _overlap_data(tmp_path, 8, 2)
+    assert cli_main(["predict", str(run), pairs]) == 0
+    scores = [json.loads(line)["score"] for line in (run / "predictions.jsonl").read_text().splitlines()]
+
+    trunk = AutoModel.from_pretrained(str(run / "model")).double().eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(run / "model"))
+    lo, hi = json.loads((run / "tasks.json").read_text())["regress"]["score_range"]
+    assert (lo, hi) == (0.0, 4.0)
+
+    def pooled(text: str) -> np.ndarray:
+        enc = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            return trunk(**enc).last_hidden_state[0].mean(0).numpy()
+
+    expected = []
+    for line in Path(pairs).read_text().splitlines():
+        a, b, _ = line.split("\t")
+        u, v = pooled(a), pooled(b)
+        expected.append(lo + (hi - lo) * float(u @ v / np.linalg.norm(u) / np.linalg.norm(v)))
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
 
 
 def test_lm(tmp_path):

@@ -37,6 +37,7 @@ class TaskSpec:
     text_column: str = _field("text", "column holding the text")
     text_pair_column: Optional[str] = _field(None, "column holding the second text of a pair")
     label_column: str = _field("label", "column holding the label or score")
+    pair_encoding: str = _field("cross", "regress: a text pair in one sequence (cross) or each text on its own (siamese)")
     weight: float = _field(1.0, "weight of this task's term in the composite loss")
     weight_warmup_steps: int = _field(0, "ramp the weight linearly from 0 over this many steps")
 
@@ -56,6 +57,7 @@ class TrainConfig:
     text_column: str = _field("text", "column holding the text (a name, or a 0-based index for headerless files; seq2seq JSONL: the source key)")
     text_pair_column: Optional[str] = _field(None, "column holding the second text of a pair")
     label_column: str = _field("label", "column holding the label or score (seq2seq JSONL: the target key)")
+    pair_encoding: str = _field("cross", "regress: encode a text pair as one sequence (cross: for a pre-trained model) or each text on its own, scored by a siamese head (siamese: learns from scratch)", choices=("cross", "siamese"))
     tasks: list = _field([], "multitask only: a list of task entries (YAML), each with name, task, files, columns, weight")
     balancing: str = _field("static", "multitask loss weights: static | uncertainty (learned, Kendall et al. 2018)", choices=("static", "uncertainty"))
     # model and tokenizer
@@ -84,6 +86,7 @@ class TrainConfig:
     seed: int = _field(0, "seed of initialization, dropout and data order")
     # evaluation, logging, saving
     eval_every: Optional[int] = _field(None, "evaluate every N steps (default: 5 times per run)")
+    eval_on_start: bool = _field(False, "evaluate once before the first step too (where the metrics start)")
     log_every: int = _field(10, "log training metrics every N steps")
     save_every: Optional[int] = _field(None, "save a checkpoint every N steps (default: at each evaluation)")
     keep_checkpoints: int = _field(2, "checkpoints to keep besides the best")

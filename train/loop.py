@@ -53,7 +53,7 @@ def task_specs(config: TrainConfig) -> list[TaskSpec]:
         name=config.task, task=config.task, train_file=config.train_file, eval_file=config.eval_file,
         train_target_file=config.train_target_file, eval_target_file=config.eval_target_file,
         format=config.format, text_column=config.text_column, text_pair_column=config.text_pair_column,
-        label_column=config.label_column,
+        label_column=config.label_column, pair_encoding=config.pair_encoding,
     )]
 
 
@@ -71,21 +71,31 @@ def build_tasks(config: TrainConfig) -> list[Task]:
         for path in (spec.train_file, spec.eval_file, spec.train_target_file, spec.eval_target_file):
             if path and not Path(path).exists():
                 raise FileNotFoundError(f"task {spec.name!r}: data file {path} does not exist")
-        kwargs = dict(
-            name=spec.name, train_file=spec.train_file, eval_file=spec.eval_file, format=spec.format,
-            text_column=spec.text_column, text_pair_column=spec.text_pair_column, label_column=spec.label_column,
-            max_length=config.max_length,
-        )
-        if spec.task in ("classify", "ner", "seq2seq"):
-            kwargs["label_smoothing"] = config.label_smoothing
-        if spec.task == "seq2seq":
-            kwargs.update(train_target_file=spec.train_target_file, eval_target_file=spec.eval_target_file,
-                          max_new_tokens=config.max_new_tokens, num_beams=config.num_beams)
-        task = TASK_CLASSES[spec.task](**kwargs)
-        if spec.task == "ner":
-            task.label_all_subwords = config.label_all_subwords
-        tasks.append(task)
+        tasks.append(make_task(spec, config))
     return tasks
+
+
+def make_task(spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> Task:
+    """The task of ``spec`` with the run-wide settings of ``config`` (``with_files=False``:
+    without its data files, to rebuild a finished run's task)."""
+    kwargs: dict[str, Any] = dict(
+        name=spec.name, train_file=spec.train_file if with_files else None,
+        eval_file=spec.eval_file if with_files else None, format=spec.format,
+        text_column=spec.text_column, text_pair_column=spec.text_pair_column, label_column=spec.label_column,
+        max_length=config.max_length,
+    )
+    if spec.task in ("classify", "ner", "seq2seq"):
+        kwargs["label_smoothing"] = config.label_smoothing
+    if spec.task == "regress":
+        kwargs["pair_encoding"] = spec.pair_encoding
+    if spec.task == "seq2seq":
+        kwargs.update(max_new_tokens=config.max_new_tokens, num_beams=config.num_beams)
+        if with_files:
+            kwargs.update(train_target_file=spec.train_target_file, eval_target_file=spec.eval_target_file)
+    task = TASK_CLASSES[spec.task](**kwargs)
+    if spec.task == "ner":
+        task.label_all_subwords = config.label_all_subwords
+    return task
 
 
 FUSED_LOSS_MIN_VOCAB = 32768
@@ -338,6 +348,11 @@ def run(config: TrainConfig) -> dict[str, float]:
     window_start = time.perf_counter()
     stop_reason = "reached the step budget"
     pace = Pace()
+    if config.eval_on_start and step == 0:
+        start = evaluate()
+        if start:
+            recorder.write({"step": 0, "epoch": 0.0, **start})
+            logger.info("step 0 (before training): %s", _format(start))
     with PreemptionHandler() as preemption:
         while step < total_steps:
             step_start = time.perf_counter()

@@ -115,13 +115,19 @@ def _label_overrides(task: Task) -> dict[str, Any]:
             "label2id": {l: i for i, l in enumerate(labels)}}
 
 
+def is_shared_trunk_run(tasks: Sequence[Task]) -> bool:
+    """Whether the run trains a :class:`BertMultiTask`: several tasks, or a head that no
+    Hugging Face class has (a siamese pair-similarity head)."""
+    return len(tasks) > 1 or tasks[0].head()[0] == "pair_similarity"
+
+
 def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh: Mesh) -> nnx.Module:
     """The model to train: created sharded on ``mesh``, or loaded from ``--model`` on the host."""
     vocab_size = len(tokenizer)
     runtime = dict(dtype=config.dtype, seed=config.seed)
 
     def make() -> nnx.Module:
-        if len(tasks) > 1:
+        if is_shared_trunk_run(tasks):
             cfg = _encoder_config(config, vocab_size)
             heads = {t.name: t.head() for t in tasks}
             if config.model:

@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 from train import metrics
 from train.config import TrainConfig
 from train.data.tokenization import load_tokenizer
+from train.modeling import is_shared_trunk_run
 from train.models import load_multitask, load_pretrained
 from train.step import forward
 from train.tasks.base import Task
@@ -48,7 +49,7 @@ def load_run(run_dir: str | Path, task_name: str | None = None) -> tuple[TrainCo
     if task is None:
         raise ValueError(f"--task {task_name!r} is not one of {names}")
     tokenizer = load_tokenizer(run_dir / "model")
-    if len(tasks) > 1:
+    if is_shared_trunk_run(tasks):
         model = load_multitask(run_dir / "model", {t.name: t.head() for t in tasks})
         heads = load_file(str(run_dir / "model" / "heads.safetensors"))
         flat = {tuple(int(p) if p.isdigit() else p for p in k.split("/")): v for k, v in heads.items()}
@@ -61,17 +62,9 @@ def load_run(run_dir: str | Path, task_name: str | None = None) -> tuple[TrainCo
 
 def build_tasks_without_files(config: TrainConfig) -> list[Task]:
     """The run's tasks as configured, without requiring its data files to still exist."""
-    from train.loop import task_specs
-    from train.tasks import TASK_CLASSES
+    from train.loop import make_task, task_specs
 
-    tasks = []
-    for spec in task_specs(config):
-        extra = {"max_new_tokens": config.max_new_tokens, "num_beams": config.num_beams} if spec.task == "seq2seq" else {}
-        tasks.append(TASK_CLASSES[spec.task](
-            name=spec.name, train_file=None, eval_file=None, format=spec.format, text_column=spec.text_column,
-            text_pair_column=spec.text_pair_column, label_column=spec.label_column, max_length=config.max_length,
-            **extra))
-    return tasks
+    return [make_task(spec, config, with_files=False) for spec in task_specs(config)]
 
 
 def _batches(items: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -80,12 +73,11 @@ def _batches(items: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, 
 
 
 def _pad(features: list[dict[str, Any]], pad_id: int) -> dict[str, np.ndarray]:
-    length = max(len(f["input_ids"]) for f in features)
-    out: dict[str, np.ndarray] = {}
-    for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
-        if key in features[0] and isinstance(features[0][key], list):
-            fill = pad_id if key == "input_ids" else (-100 if key == "labels" else 0)
-            out[key] = np.array([f[key] + [fill] * (length - len(f[key])) for f in features], np.int32)
+    """The token fields of ``features`` padded to one length: ids with ``pad_id``, labels with -100."""
+    keys = [k for k, v in features[0].items() if isinstance(v, list)]
+    length = max(len(f[k]) for f in features for k in keys)
+    fills = {"input_ids": pad_id, "pair_input_ids": pad_id, "labels": -100}
+    out = {k: np.array([f[k] + [fills.get(k, 0)] * (length - len(f[k])) for f in features], np.int32) for k in keys}
     out["example_mask"] = np.ones(len(features), bool)
     return out
 
@@ -102,14 +94,13 @@ def predict_file(run_dir: str | Path, file: str | Path, *, output: str | Path | 
         raise ValueError("predict writes labels, entities and scores; for a language model use perplexity in the eval metrics")
     features = task_obj.encode(tokenizer, records)
     pad_id = tokenizer.pad_token_id or 0
-    run_forward = jax.jit(lambda ids, mask, types: forward(model, task_obj, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}).logits)
+    run_forward = jax.jit(lambda batch: forward(model, task_obj, batch).logits)
     out_path = Path(output) if output else Path(run_dir) / "predictions.jsonl"
     with open(out_path, "w") as f:
         index = 0
         for chunk in _batches(list(features), batch_size):
             batch = _pad(chunk, pad_id)
-            types = batch.get("token_type_ids", np.zeros_like(batch["input_ids"]))
-            logits = np.asarray(run_forward(batch["input_ids"], batch["attention_mask"], types))
+            logits = np.asarray(run_forward({k: v for k, v in batch.items() if k != "labels"}))
             for row in range(len(chunk)):
                 record = records[index]
                 f.write(json.dumps(_prediction(task_obj, record, logits[row], batch, row)) + "\n")
@@ -126,7 +117,7 @@ def _prediction(task: Task, record: Any, logits: np.ndarray, batch: dict[str, np
                 "scores": {label: round(float(p), 6) for label, p in zip(task.labels, probs)}}
     if task.kind == "regress":
         pair = {} if record.text_pair is None else {"text_pair": record.text_pair}
-        return {"line": record.line, "text": record.text, **pair, "score": float(logits[0])}
+        return {"line": record.line, "text": record.text, **pair, "score": float(task.scores(logits[None])[0])}
     labels = batch["labels"][row]
     first = labels != -100
     tags = [task.labels[int(i)] for i in np.argmax(logits, -1)[first]]

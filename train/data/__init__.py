@@ -24,6 +24,7 @@ from train.data.tokenization import (
     encode_lm,
     encode_pairs,
     encode_tagged,
+    encode_text_pairs_apart,
     encode_texts,
     load_tokenizer,
     pack_blocks,
@@ -37,5 +38,5 @@ __all__ = [
     "open_text",
     "read_table", "read_parallel", "read_parallel_jsonl", "read_text",
     "IGNORE_INDEX", "align_labels", "encode_lm", "encode_pairs", "encode_tagged",
-    "encode_texts", "load_tokenizer", "pack_blocks", "train_tokenizer",
+    "encode_text_pairs_apart", "encode_texts", "load_tokenizer", "pack_blocks", "train_tokenizer",
 ]

@@ -11,6 +11,7 @@ process_count`` per process):
 
 ==================== ==================================================================
 sequence fields      ``int32 [B, P]``, padded with ``pad_values[name]``: ``input_ids``
+                     (``decoder_input_ids``, ``pair_input_ids``)
                      with ``pad_id``, ``labels`` with -100, other fields with 0
 scalar fields        ``int32 [B]`` (class labels, padded with -100) or ``float32 [B]``
                      (regression targets, padded with 0.0)
@@ -121,7 +122,7 @@ class Batcher:
         self.process_index = process_index
         self.process_count = process_count
         self._fields = self._check_fields(features)
-        self._pad = {**_SEQ_PAD_DEFAULTS, "input_ids": pad_id, "decoder_input_ids": pad_id,
+        self._pad = {**_SEQ_PAD_DEFAULTS, "input_ids": pad_id, "decoder_input_ids": pad_id, "pair_input_ids": pad_id,
                      **(pad_values or {})}
 
         padded = np.empty(len(features), dtype=np.int64)

@@ -9,6 +9,7 @@ pads them into arrays.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -304,6 +305,30 @@ def encode_texts(
             feat["labels"] = label_to_id[e.label]
         out.append(feat)
     note_truncated(counts, truncated, "texts", max_length)
+    return out
+
+
+def encode_text_pairs_apart(tokenizer, examples: Sequence[TextExample], *, max_length: int) -> Records[Feature]:
+    """Tokenize the two texts of each pair on their own (for a siamese model).
+
+    A feature holds ``input_ids`` / ``attention_mask`` of the first text, ``pair_input_ids`` /
+    ``pair_attention_mask`` of the second, and the pair's label as :func:`encode_texts` keeps
+    it (numbers only). Each text is cut to ``max_length`` tokens; truncations are counted.
+    """
+    missing = next((e for e in examples if e.text_pair is None), None)
+    if missing is not None:
+        raise DataError(missing.source, missing.line, "a siamese encoding needs text pairs; this row has no "
+                                                       "second text (--text-pair-column)")
+    first = encode_texts(tokenizer, [dataclasses.replace(e, text_pair=None) for e in examples], max_length=max_length)
+    second = encode_texts(tokenizer, [dataclasses.replace(e, text=e.text_pair, text_pair=None, label=None)
+                                      for e in examples], max_length=max_length)
+    out: Records[Feature] = Records(counts=first.counts + second.counts)
+    for a, b in zip(first, second):
+        feat = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"],
+                "pair_input_ids": b["input_ids"], "pair_attention_mask": b["attention_mask"]}
+        if "labels" in a:
+            feat["labels"] = a["labels"]
+        out.append(feat)
     return out
 
 

@@ -30,6 +30,7 @@ from train.models import mapping as M
 from train.models.heads import (
     ClassificationHead,
     MaskedLMHead,
+    PairSimilarityHead,
     sequence_classification_loss,
     token_classification_loss,
 )
@@ -250,7 +251,7 @@ class BertForMaskedLM(nnx.Module):
                 + M.norm("cls.predictions.transform.LayerNorm", ("head", "norm")))
 
 
-HEAD_KINDS = ("sequence_classification", "regression", "token_classification", "mlm", "causal_lm")
+HEAD_KINDS = ("sequence_classification", "regression", "pair_similarity", "token_classification", "mlm", "causal_lm")
 
 
 class BertMultiTask(nnx.Module):
@@ -258,7 +259,10 @@ class BertMultiTask(nnx.Module):
 
     ``heads`` maps a name to ``(kind, num_labels)``: ``kind`` is one of
     ``"sequence_classification"``, ``"regression"`` (``num_labels`` outputs of the pooled
-    features), ``"token_classification"``, ``"mlm"`` or ``"causal_lm"`` (``num_labels``
+    features), ``"pair_similarity"`` (the cosine of two texts encoded apart,
+    :class:`PairSimilarityHead`: the batch holds the first texts of the pairs, then their
+    second texts; ``num_labels`` 1), ``"token_classification"``,
+    ``"mlm"`` or ``"causal_lm"`` (``num_labels``
     ignored; tied to the embeddings). A ``"causal_lm"`` head runs the trunk with causal
     attention (next-token prediction on the shared weights), so it is called on its own.
     A call returns ``{name: ModelOutput}`` for the heads asked for (all but causal ones by
@@ -293,6 +297,10 @@ class BertMultiTask(nnx.Module):
             if kind in ("mlm", "causal_lm"):
                 made[name] = MaskedLMHead(d, cfg["vocab_size"], act=cfg.get("hidden_act", "gelu"),
                                           eps=cfg.get("layer_norm_eps", 1e-12), std=std, rngs=rngs, **rt.kw())
+            elif kind == "pair_similarity":
+                if n != 1:
+                    raise ValueError(f"head {name!r}: a pair_similarity head scores with one cosine; num_labels={n}")
+                made[name] = PairSimilarityHead()
             else:
                 made[name] = ClassificationHead(d, n, dropout_rate=_classifier_dropout(cfg), std=std, rngs=rngs,
                                                 **rt.kw())
@@ -328,6 +336,8 @@ class BertMultiTask(nnx.Module):
                 results[name] = out.replace(logits=logits, prelogits=features)
             elif kind == "token_classification":
                 results[name] = out.replace(logits=head(out.last_hidden_state))
+            elif kind == "pair_similarity":
+                results[name] = out.replace(logits=head(out.last_hidden_state, attention_mask))
             else:
                 results[name] = out.replace(logits=head(out.pooler_output))
         return results

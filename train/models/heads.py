@@ -2,6 +2,8 @@
 
 - :class:`ClassificationHead`: ``dropout -> Linear(d_model, num_labels)``, used on pooled
   features (sequence classification, regression) or on every token (token classification).
+- :class:`PairSimilarityHead`: the cosine similarity of two separately encoded texts'
+  mean-pooled features (a siamese head, as in Sentence-BERT).
 - :class:`MaskedLMHead`: BERT's ``dense -> act -> LayerNorm -> tied embedding + bias``.
 """
 
@@ -31,6 +33,46 @@ class ClassificationHead(nnx.Module):
 
     def __call__(self, h: Array) -> Array:
         return self.classifier(self.dropout(h), jnp.float32)
+
+
+def masked_mean(h: Array, mask: Array | None) -> Array:
+    """``sum_t m_t h_t / sum_t m_t`` over the positions (axis -2) of ``h`` ``[B, L, d]``, in float32."""
+    h = h.astype(jnp.float32)
+    if mask is None:
+        return jnp.mean(h, axis=-2)
+    m = mask.astype(jnp.float32)[..., None]
+    return jnp.sum(h * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
+
+
+class PairSimilarityHead(nnx.Module):
+    """The cosine similarity of two texts encoded apart (a siamese, or bi-encoder, head).
+
+    The trunk runs on ``2B`` rows: the first texts of ``B`` pairs, then their second texts.
+    With ``u`` and ``v`` the masked means of each text's hidden states,
+
+    ``logits = cos(u, v) = u . v / (|u| |v|)``,   shape ``(B, 1)``; no parameters.
+
+    Trained from scratch, the mean-pooled features of two texts are alike in proportion to
+    the words they share, so the score tracks word overlap from the first step; the
+    training then shapes the trunk's features, not a head that could memorise the pairs
+    (Reimers & Gurevych 2019, Sentence-BERT's cosine-similarity objective).
+
+    Example:
+      >>> import numpy as np
+      >>> h = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)  # 1 pair
+      >>> same = PairSimilarityHead()(np.concatenate([h[:1], h[:1]]), None)
+      >>> np.round(np.asarray(same), 5)
+      array([[1.]], dtype=float32)
+    """
+
+    def __call__(self, h: Array, attention_mask: Array | None = None) -> Array:
+        if h.shape[0] % 2:
+            raise ValueError(f"a pair-similarity head needs the first and second texts stacked on the batch "
+                             f"axis (an even number of rows); got hidden states of shape {h.shape}")
+        u, v = jnp.split(masked_mean(h, attention_mask), 2, axis=0)
+        dot = jnp.sum(u * v, axis=-1, keepdims=True)
+        norms = jnp.sqrt(jnp.sum(u * u, axis=-1, keepdims=True) * jnp.sum(v * v, axis=-1, keepdims=True))
+        return dot / jnp.maximum(norms, 1e-12)
 
 
 class MaskedLMHead(nnx.Module):

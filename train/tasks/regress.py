@@ -1,9 +1,20 @@
-"""Sentence (or sentence-pair) regression: mean squared error; Pearson, Spearman and MSE."""
+"""Sentence (or sentence-pair) regression: mean squared error; Pearson, Spearman and MSE.
+
+A pair is encoded one of two ways (``pair_encoding``):
+
+- ``"cross"``: both texts in one sequence, ``[CLS] a [SEP] b [SEP]``, scored from the pooled
+  ``[CLS]`` features (``BertForSequenceClassification``; best for a pre-trained model).
+- ``"siamese"``: each text on its own through the same trunk, scored by the cosine of their
+  mean-pooled features (:class:`~train.models.heads.PairSimilarityHead`, Sentence-BERT):
+  ``score = lo + (hi - lo) * cos(u, v)`` with ``[lo, hi]`` the range of the training scores.
+  The cosine tracks word overlap from the first step, so a model trained from scratch
+  learns similarity from a few thousand pairs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +22,10 @@ import numpy as np
 import jaxloss
 from train import metrics
 from train.data.table import read_table
-from train.data.tokenization import encode_texts
+from train.data.tokenization import encode_text_pairs_apart, encode_texts
 from train.tasks.base import Batch, Task, column, example_count, infer_format
+
+PAIR_ENCODINGS = ("cross", "siamese")
 from train.tasks.classify import _gather_rows
 
 
@@ -20,7 +33,15 @@ from train.tasks.classify import _gather_rows
 class RegressTask(Task):
     """Labels are numbers (e.g. a 0-5 similarity score)."""
 
+    pair_encoding: str = "cross"  # how a text pair is encoded: cross | siamese (see the module docstring)
+    score_range: tuple[float, float] | None = None  # siamese: (lo, hi) of the training scores
+
     def __post_init__(self) -> None:
+        if self.pair_encoding not in PAIR_ENCODINGS:
+            raise ValueError(f"task {self.name!r}: pair_encoding={self.pair_encoding!r} is not one of {PAIR_ENCODINGS}")
+        if self.pair_encoding == "siamese" and self.text_pair_column is None:
+            raise ValueError(f"task {self.name!r}: pair_encoding='siamese' needs text pairs; set text_pair_column "
+                             "(--text-pair-column)")
         self.kind = "regress"
         self.term_kind = "regression"
         self.main_metric = "pearson"
@@ -41,23 +62,58 @@ class RegressTask(Task):
             if r.text_pair is not None:
                 yield r.text_pair
 
+    def fit_labels(self, records: Sequence[Any]) -> None:
+        """Siamese: the range of the training scores, which a cosine of 0..1 maps onto."""
+        if self.pair_encoding != "siamese" or self.score_range is not None:
+            return
+        scores = [r.label for r in records if r.label is not None]
+        if not scores or min(scores) == max(scores):
+            raise ValueError(f"task {self.name!r}: a siamese score needs training scores that differ; "
+                             f"got {len(scores)} scores in [{min(scores, default=None)}, {max(scores, default=None)}]")
+        self.score_range = (float(min(scores)), float(max(scores)))
+
+    def scores(self, logits: Any) -> Any:
+        """The predicted scores ``[B]`` from the head's output ``[B, 1]`` (numpy or jax)."""
+        if self.pair_encoding != "siamese":
+            return logits[:, 0]
+        if self.score_range is None:
+            raise ValueError(f"task {self.name!r}: the score range is not set (fit_labels or load_state first)")
+        lo, hi = self.score_range
+        return lo + (hi - lo) * logits[:, 0]
+
     def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool = True) -> list[dict[str, Any]]:
+        if self.pair_encoding == "siamese":
+            return encode_text_pairs_apart(tokenizer, records, max_length=self.max_length)
         return encode_texts(tokenizer, records, max_length=self.max_length)
 
     def head(self) -> tuple[str, int]:
-        return ("regression", 1)
+        return ("pair_similarity", 1) if self.pair_encoding == "siamese" else ("regression", 1)
+
+    def model_inputs(self, model: Any, batch: Batch) -> dict[str, Any]:
+        """Siamese: the first texts, then the second texts, as one batch of ``2B`` rows."""
+        if self.pair_encoding != "siamese":
+            return super().model_inputs(model, batch)
+        return {"input_ids": jnp.concatenate([batch["input_ids"], batch["pair_input_ids"]], axis=0),
+                "attention_mask": jnp.concatenate([batch["attention_mask"], batch["pair_attention_mask"]], axis=0)}
 
     def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
         return jaxloss.mse_loss(
-            output.logits[:, 0], batch["labels"].astype(jnp.float32), where=batch["example_mask"], reduction="sum_count"
+            self.scores(output.logits), batch["labels"].astype(jnp.float32), where=batch["example_mask"], reduction="sum_count"
         )
 
     def count(self, batch: Batch) -> jnp.ndarray:
         return example_count(batch)
 
     def predict(self, output: Any, batch: Batch) -> dict[str, jnp.ndarray]:
-        return {"prediction": output.logits[:, 0].astype(jnp.float32)}
+        return {"prediction": self.scores(output.logits).astype(jnp.float32)}
 
     def metrics(self, predictions: list[dict[str, np.ndarray]], batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
         pred, gold = _gather_rows(predictions, batches, "prediction", "labels")
         return {"pearson": metrics.pearson(pred, gold), "spearman": metrics.spearman(pred, gold), "mse": metrics.mse(pred, gold)}
+
+    def state(self) -> dict[str, Any]:
+        return {} if self.score_range is None else {"score_range": list(self.score_range)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        if "score_range" in state:
+            self.score_range = (float(state["score_range"][0]), float(state["score_range"][1]))
