@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -164,6 +165,12 @@ def test_pair_similarity_head_is_the_cosine_of_masked_means():
     u, v = mean[:3], mean[3:]
     want = (u * v).sum(-1) / np.linalg.norm(u, axis=-1) / np.linalg.norm(v, axis=-1)
     np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-6)
+    # a filler row (all padding) scores 0, and its gradient is finite (it is masked out of a loss)
+    empty = mask.copy()
+    empty[[2, 5]] = 0
+    grad = jax.grad(lambda x: jnp.sum(PairSimilarityHead()(x, jnp.asarray(empty))[:2]))(jnp.asarray(h))
+    assert np.isfinite(np.asarray(grad)).all()
+    assert float(PairSimilarityHead()(jnp.asarray(h), jnp.asarray(empty))[2, 0]) == 0.0
     with pytest.raises(ValueError, match=r"even number of rows.*\(5, 5, 8\)"):
         PairSimilarityHead()(jnp.asarray(h[:5]), None)
 

@@ -169,12 +169,13 @@ def test_regress_siamese_and_predict_equal_transformers(tmp_path):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    records = _train(tmp_path, "regress", "--train-file", _overlap_data(tmp_path, 320, 0),
+    records = _train(tmp_path, "regress", "--train-file", _overlap_data(tmp_path, 330, 0),  # a partial batch
                      "--eval-file", _overlap_data(tmp_path, 64, 1), "--text-column", "0",
                      "--text-pair-column", "1", "--label-column", "2", "--pair-encoding", "siamese",
                      "--max-steps", "60", "--eval-every", "30", "--eval-on-start")
     first, last = _first_last(records, "train/loss")
     assert last < first
+    assert all(r["train/finite"] == 1.0 for r in records if "train/finite" in r)  # filler rows too
     evals = [r for r in records if "eval/regress/pearson" in r]
     assert [r["step"] for r in evals] == [0, 30, 60]
     assert evals[-1]["eval/regress/pearson"] > 0.6

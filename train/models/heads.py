@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
@@ -71,8 +72,9 @@ class PairSimilarityHead(nnx.Module):
                              f"axis (an even number of rows); got hidden states of shape {h.shape}")
         u, v = jnp.split(masked_mean(h, attention_mask), 2, axis=0)
         dot = jnp.sum(u * v, axis=-1, keepdims=True)
-        norms = jnp.sqrt(jnp.sum(u * u, axis=-1, keepdims=True) * jnp.sum(v * v, axis=-1, keepdims=True))
-        return dot / jnp.maximum(norms, 1e-12)
+        # clamped inside the root: an empty (all-padding) row scores 0 with a finite gradient
+        squared_norms = jnp.sum(u * u, axis=-1, keepdims=True) * jnp.sum(v * v, axis=-1, keepdims=True)
+        return dot * jax.lax.rsqrt(jnp.maximum(squared_norms, 1e-24))
 
 
 class MaskedLMHead(nnx.Module):
