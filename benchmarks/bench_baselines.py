@@ -169,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"),
                     help="folder with the full data sets (skipped when missing)")
-    ap.add_argument("--shipped-only", action="store_true", help="only the subsets in data/")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/baselines.json)")
+    ap.add_argument("--shipped-only", action="store_true",
+                    help="only the subsets in data/ (saved apart, in baselines_shipped.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/baselines.json, or baselines_shipped.json)")
     args = ap.parse_args(argv)
 
     rows = Rows()
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                                     f"{r['value']:.4f}" if abs(r["value"]) < 10 else f"{r['value']:.1f}",
                                     r["seconds"]] for r in rows.rows])
     print(table)
-    path = save_json("baselines", {"full_data": str(shared) if ran_full else None, "results": rows.rows},
+    path = save_json("baselines_shipped" if args.shipped_only else "baselines", {"full_data": str(shared) if ran_full else None, "results": rows.rows},
                      args.out)
     print(f"saved {os.path.relpath(path, ROOT)}", file=sys.stderr)
     return 0
