@@ -131,7 +131,7 @@ def test_wall_clock_budget_fits_schedule_and_evaluations(tmp_path):
     run evaluates about five times along the way."""
     records = _train(tmp_path, "classify", "--train-file", _classify_data(tmp_path, 320, 0),
                      "--eval-file", _classify_data(tmp_path, 64, 1), "--epochs", "1000", "--max-minutes", "0.4",
-                     "--log-every", "1")
+                     "--log-every", "7")
     rates = [r["train/learning_rate"] for r in records if "train/learning_rate" in r]
     peak = 3e-3
     assert max(rates) > 0.8 * peak  # warmed up to (near) the peak within the budget
@@ -139,6 +139,8 @@ def test_wall_clock_budget_fits_schedule_and_evaluations(tmp_path):
     evals = [r for r in records if "eval/classify/accuracy" in r]
     assert 3 <= len(evals) <= 8
     assert evals[-1]["eval/classify/accuracy"] > 0.75
+    # the steps after the last log line are logged too when the clock stops the run
+    assert [r["step"] for r in records if "train/loss" in r][-1] == evals[-1]["step"]
 
 
 def test_ner_and_predict(tmp_path):

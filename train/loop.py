@@ -396,12 +396,7 @@ def run(config: TrainConfig) -> dict[str, float]:
                 progress.update(1)
                 progress.set_postfix(loss=f"{window[-1]['train/loss']:.4f}", refresh=False)
             if step % config.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                record.update(step=step, epoch=_epoch(data), **{"train/tokens_per_second": tokens_in_window / elapsed,
-                                                                  "train/seconds_per_step": elapsed / len(window)})
-                record["train/learning_rate"] = window[-1]["train/learning_rate"]
-                recorder.write(record)
+                recorder.write(_train_record(window, step, _epoch(data), tokens_in_window, window_start))
                 window, tokens_in_window, window_start = [], 0, time.perf_counter()
             pause_start = time.perf_counter()
             if eval_every is not None and step % eval_every == 0 and step < total_steps:
@@ -431,6 +426,8 @@ def run(config: TrainConfig) -> dict[str, float]:
                 break
     if progress is not None:
         progress.close()
+    if window:  # the steps since the last log line (a run stopped by its budget or a signal)
+        recorder.write(_train_record(window, step, _epoch(data), tokens_in_window, window_start))
     final = evaluate()
     if final:
         recorder.write({"step": step, "epoch": _epoch(data), **final})
@@ -445,6 +442,17 @@ def run(config: TrainConfig) -> dict[str, float]:
         plot_run(out_dir)
         _print_summary(out_dir, step, stop_reason, final)
     return final
+
+
+def _train_record(window: Sequence[Mapping[str, float]], step: int, epoch: float, tokens: int,
+                  window_start: float) -> dict[str, float]:
+    """One ``metrics.jsonl`` line: the mean of each training metric over the steps of ``window``."""
+    elapsed = time.perf_counter() - window_start
+    record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+    record.update(step=step, epoch=epoch, **{"train/tokens_per_second": tokens / elapsed,
+                                             "train/seconds_per_step": elapsed / len(window)})
+    record["train/learning_rate"] = window[-1]["train/learning_rate"]
+    return record
 
 
 def _epoch(data: Mapping[str, TaskData]) -> float:
