@@ -41,6 +41,21 @@ def test_multitask_entries_are_checked(tmp_path):
         _config(tmp_path, text, ["multitask"])
 
 
+def test_pair_encoding_is_checked_per_task(tmp_path):
+    from train.config import TaskSpec
+    from train.loop import make_task
+
+    config = _config(tmp_path, None, ["regress", "--pair-encoding", "siamese", "--text-pair-column", "b"])
+    assert config.pair_encoding == "siamese"
+    with pytest.raises(SystemExit):  # argparse names the allowed values
+        _config(tmp_path, None, ["regress", "--pair-encoding", "twin"])
+    task = make_task(TaskSpec(name="sts", task="regress", text_pair_column="b", pair_encoding="siamese"), config,
+                     with_files=False)
+    assert task.head() == ("pair_similarity", 1)
+    with pytest.raises(ValueError, match="task 'ner': pair_encoding='siamese' applies to regress tasks"):
+        make_task(TaskSpec(name="ner", task="ner", pair_encoding="siamese"), config, with_files=False)
+
+
 def test_batch_size_must_split_into_micro_batches():
     with pytest.raises(ValueError, match="batch_size=10 is not divisible by grad_accum=4"):
         TrainConfig(task="ner", batch_size=10, grad_accum=4)

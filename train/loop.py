@@ -88,6 +88,9 @@ def make_task(spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -
         kwargs["label_smoothing"] = config.label_smoothing
     if spec.task == "regress":
         kwargs["pair_encoding"] = spec.pair_encoding
+    elif spec.pair_encoding != "cross":
+        raise ValueError(f"task {spec.name!r}: pair_encoding={spec.pair_encoding!r} applies to regress tasks, "
+                         f"not {spec.task}")
     if spec.task == "seq2seq":
         kwargs.update(max_new_tokens=config.max_new_tokens, num_beams=config.num_beams)
         if with_files:

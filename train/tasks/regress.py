@@ -24,9 +24,9 @@ from train import metrics
 from train.data.table import read_table
 from train.data.tokenization import encode_text_pairs_apart, encode_texts
 from train.tasks.base import Batch, Task, column, example_count, infer_format
+from train.tasks.classify import _gather_rows
 
 PAIR_ENCODINGS = ("cross", "siamese")
-from train.tasks.classify import _gather_rows
 
 
 @dataclasses.dataclass
