@@ -121,6 +121,14 @@ class Task(abc.ABC):
         """Restores :meth:`state`."""
 
 
+def table_texts(records: Sequence[Any]) -> Iterable[str]:
+    """Every text of table records, the second text of a pair included (a tokenizer's corpus)."""
+    for r in records:
+        yield r.text
+        if r.text_pair is not None:
+            yield r.text_pair
+
+
 def fused_token_loss(hidden: Array, embedding: Any, targets: Array, where: Array | None,
                      label_smoothing: float = 0.0) -> jaxloss.SumCount:
     """Token cross-entropy straight from a language-model head's features and its output

@@ -12,7 +12,7 @@ import jaxloss
 from train import metrics
 from train.data.table import read_table
 from train.data.tokenization import encode_texts
-from train.tasks.base import Batch, Task, column, example_count, infer_format
+from train.tasks.base import Batch, Task, column, example_count, infer_format, table_texts
 
 
 @dataclasses.dataclass
@@ -37,10 +37,7 @@ class ClassifyTask(Task):
         return read_table(path, format=fmt, header=header, label_type="str", **columns)
 
     def texts(self, records: Sequence[Any]) -> Iterable[str]:
-        for r in records:
-            yield r.text
-            if r.text_pair is not None:
-                yield r.text_pair
+        return table_texts(records)
 
     def fit_labels(self, records: Sequence[Any]) -> None:
         if not self.labels:

@@ -23,7 +23,7 @@ import jaxloss
 from train import metrics
 from train.data.table import read_table
 from train.data.tokenization import encode_text_pairs_apart, encode_texts
-from train.tasks.base import Batch, Task, column, example_count, infer_format
+from train.tasks.base import Batch, Task, column, example_count, infer_format, table_texts
 from train.tasks.classify import _gather_rows
 
 PAIR_ENCODINGS = ("cross", "siamese")
@@ -57,10 +57,7 @@ class RegressTask(Task):
         return read_table(path, format=fmt, header=header, label_type="float", **columns)
 
     def texts(self, records: Sequence[Any]) -> Iterable[str]:
-        for r in records:
-            yield r.text
-            if r.text_pair is not None:
-                yield r.text_pair
+        return table_texts(records)
 
     def fit_labels(self, records: Sequence[Any]) -> None:
         """Siamese: the range of the training scores, which a cosine of 0..1 maps onto."""
