@@ -76,15 +76,21 @@ def _row_pieces(num_classes: int) -> int:
     return 1
 
 
-def _logsumexp(logits: Array) -> Array:
+def _row_peak(logits: Array) -> Array:
+    """The maximum of each row in the compute dtype; 0 where it is not finite."""
     # The maximum is exact in any precision: taking it before the cast lets XLA read 16-bit
     # logits twice instead of materializing a float32 copy.
     peak = _f32(jnp.max(logits, axis=-1))
-    peak = jnp.where(jnp.isfinite(peak), peak, jnp.zeros((), peak.dtype))
+    return jnp.where(jnp.isfinite(peak), peak, jnp.zeros((), peak.dtype))
+
+
+def _logsumexp(logits: Array) -> Array:
+    peak = _row_peak(logits)
     pieces = _row_pieces(logits.shape[-1])
     if pieces == 1:
         return jnp.log(jnp.sum(jnp.exp(_f32(logits) - peak[..., None]), axis=-1)) + peak
-    # a plain 2-D (rows, classes) reduction: XLA:CPU's fast path needs that shape
+    # a plain 2-D (rows, classes) reduction: XLA:CPU's fast path needs that shape, with the
+    # reshape before the exp (reshaping exp's result instead runs 1.4x-2.4x slower at 128k)
     rows = logits.reshape(-1, logits.shape[-1] // pieces)
     row_peak = jnp.repeat(peak.reshape(-1), pieces)[:, None]
     piece_sums = jnp.sum(jnp.exp(_f32(rows) - row_peak), axis=-1)
@@ -94,9 +100,9 @@ def _logsumexp(logits: Array) -> Array:
 def _shifted_exp(logits: Array) -> tuple[Array, Array, Array]:
     """``(peak, e, s)``: the row maximum, ``e = exp(x - peak)`` and ``s = sum(e)``, for logits
     already in their compute dtype. ``e`` is an element-wise loop (all cores) that the
-    gradient reuses, so ``exp`` runs once per logit."""
-    peak = jnp.max(logits, axis=-1)
-    peak = jnp.where(jnp.isfinite(peak), peak, jnp.zeros((), peak.dtype))
+    gradient reuses, so ``exp`` runs once per logit; its sum is taken in 2-D pieces like
+    :func:`_logsumexp`'s."""
+    peak = _row_peak(logits)
     e = jnp.exp(logits - peak[..., None])
     pieces = _row_pieces(logits.shape[-1])
     if pieces == 1:
@@ -166,11 +172,8 @@ def _softmax_statistics_jvp(
         peak, e, total = _shifted_exp(logits)
         lse = jnp.log(total) + peak
         _, picked, dot = softmax_statistics(logits, targets, keep, coefficients, with_dot)
-        inverse_total = jnp.where(total > 0, 1 / total, jnp.zeros((), total.dtype))
-        softmax = lambda: e * inverse_total[..., None]  # noqa: E731
     else:
         lse, picked, dot = softmax_statistics(logits, targets, keep, coefficients, with_dot)
-        softmax = lambda: jnp.exp(_f32(logits) - lse[..., None])  # noqa: E731
     x = _f32(logits)
     zero = jnp.zeros((), x.dtype)
     d_lse = jnp.zeros_like(lse)
@@ -178,7 +181,11 @@ def _softmax_statistics_jvp(
     d_dot = jnp.zeros_like(lse)
     if not isinstance(d_logits, SymbolicZero):
         dx = _kept(d_logits, keep)
-        d_lse = jnp.sum(softmax() * dx, axis=-1)
+        if full_precision:
+            softmax = e * jnp.where(total > 0, 1 / total, jnp.zeros((), total.dtype))[..., None]
+        else:
+            softmax = jnp.exp(x - lse[..., None])
+        d_lse = jnp.sum(softmax * dx, axis=-1)
         d_picked = jnp.sum(jnp.where(_class_mask(x, targets), dx, zero), axis=-1)
         if with_dot:
             a = jnp.broadcast_to(_f32(coefficients), x.shape)
