@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 
 from train import metrics
 from train.config import TrainConfig
+from train.data.batching import sequence_pad_values
 from train.data.tokenization import load_tokenizer
 from train.modeling import is_shared_trunk_run
 from train.models import load_multitask, load_pretrained
@@ -76,7 +77,7 @@ def _pad(features: list[dict[str, Any]], pad_id: int) -> dict[str, np.ndarray]:
     """The token fields of ``features`` padded to one length: ids with ``pad_id``, labels with -100."""
     keys = [k for k, v in features[0].items() if isinstance(v, list)]
     length = max(len(f[k]) for f in features for k in keys)
-    fills = {"input_ids": pad_id, "pair_input_ids": pad_id, "labels": -100}
+    fills = sequence_pad_values(pad_id)
     out = {k: np.array([f[k] + [fills.get(k, 0)] * (length - len(f[k])) for f in features], np.int32) for k in keys}
     out["example_mask"] = np.ones(len(features), bool)
     return out

@@ -36,6 +36,12 @@ from train.data.tokenization import IGNORE_INDEX, Feature
 _SEQ_PAD_DEFAULTS = {"labels": IGNORE_INDEX, "attention_mask": 0, "token_type_ids": 0}
 
 
+def sequence_pad_values(pad_id: int) -> dict[str, int]:
+    """The padding of each token field: token ids with ``pad_id``, labels with -100, masks
+    and token types with 0 (a field not named here pads with 0)."""
+    return {**_SEQ_PAD_DEFAULTS, "input_ids": pad_id, "decoder_input_ids": pad_id, "pair_input_ids": pad_id}
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], process_index: int,
                 process_count: int) -> dict[str, np.ndarray]:
     """The rows of a global batch that belong to process ``process_index`` of
@@ -122,8 +128,7 @@ class Batcher:
         self.process_index = process_index
         self.process_count = process_count
         self._fields = self._check_fields(features)
-        self._pad = {**_SEQ_PAD_DEFAULTS, "input_ids": pad_id, "decoder_input_ids": pad_id, "pair_input_ids": pad_id,
-                     **(pad_values or {})}
+        self._pad = {**sequence_pad_values(pad_id), **(pad_values or {})}
 
         padded = np.empty(len(features), dtype=np.int64)
         for i, f in enumerate(features):
