@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
+from train.models.matmul import matmul
 from train.models.partitioning import EMBED, HEADS, KV_HEADS, MLP_AXIS, NORM, VOCAB
 
 Dtype = Any
@@ -97,11 +98,6 @@ def lead(v: Array, ndim: int) -> Array:
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
-def _matmul(x: Array, w: Array, dtype: Dtype) -> Array:
-    """``x @ w`` in ``dtype`` with float32 accumulation (native bf16 GEMM on CPU and accelerators)."""
-    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-
-
 class Linear(nnx.Module):
     """``y = x W + b`` with ``W`` of shape ``(in_features, out_features)``.
 
@@ -131,7 +127,7 @@ class Linear(nnx.Module):
     def __call__(self, x: Array, out_dtype: Dtype | None = None) -> Array:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects inputs with last dimension {self.in_features}, got shape {x.shape}")
-        y = _matmul(x, self.kernel[...], self.dtype)
+        y = matmul(x, self.kernel[...], self.dtype)
         if self.bias is not None:
             y = y + lead(self.bias[...].astype(jnp.float32), y.ndim)
         return y.astype(out_dtype or self.dtype)
@@ -168,8 +164,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: Array) -> Array:
         """``x @ E^T`` (float32 result): scores of every row of the table."""
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return matmul(x, self.embedding[...], self.dtype, transpose_w=True)
 
 
 class LayerNorm(nnx.Module):

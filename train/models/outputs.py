@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import Array
 
+from train.models.matmul import matmul
+
 
 @struct.dataclass
 class ModelOutput:
@@ -49,8 +51,7 @@ class OutputEmbedding:
 
     def logits(self, h: Array) -> Array:
         """``h @ W (+ b)`` in float32."""
-        eq = "...d,vd->...v" if self.layout == "vd" else "...d,dv->...v"
-        out = jnp.einsum(eq, h, self.weight.astype(h.dtype), preferred_element_type=jnp.float32)
+        out = matmul(h, self.weight, h.dtype, transpose_w=self.layout == "vd")
         if self.bias is None:
             return out
         return out + self.bias.astype(jnp.float32).reshape((1,) * (out.ndim - 1) + (-1,))

@@ -132,9 +132,10 @@ def table_texts(records: Sequence[Any]) -> Iterable[str]:
 def fused_token_loss(hidden: Array, embedding: Any, targets: Array, where: Array | None,
                      label_smoothing: float = 0.0) -> jaxloss.SumCount:
     """Token cross-entropy straight from a language-model head's features and its output
-    embedding (``logits = hidden @ W + b`` is never held in full)."""
+    embedding (``logits = hidden @ W + b`` is never held in full). As for the full logits
+    (:meth:`OutputEmbedding.logits`), the weight is cast to the hidden states' (compute) dtype."""
     return jaxloss.linear_cross_entropy(
-        hidden, embedding.weight, targets, bias=embedding.bias, weight_layout=embedding.layout, where=where,
+        hidden, embedding.weight.astype(hidden.dtype), targets, bias=embedding.bias, weight_layout=embedding.layout, where=where,
         label_smoothing=label_smoothing, reduction="sum_count",
     )
 
