@@ -10,17 +10,23 @@ Both sides start from the same weights (a ``transformers`` model saved and loade
 - ``torch eager``: ``loss = model(**batch, labels=labels).loss; loss.backward(); AdamW.step()``
   (``attn_implementation="sdpa"``, the fastest eager attention);
 - ``torch.compile``: the same with ``torch.compile(model)`` (with ``--compile``: it works
-  offline here but compiling takes minutes per model on 2 cores).
+  offline here but compiling takes minutes per model on 2 cores);
+- the ``bf16`` rows: JAX with ``dtype="bfloat16"`` (float32 parameters and AdamW state,
+  bf16 products with float32 accumulation, ``train.models.matmul``), and PyTorch's same step
+  under ``torch.autocast("cpu", dtype=torch.bfloat16)``. Each row's ratio is given against
+  PyTorch eager in float32 and against PyTorch eager in the row's own dtype.
 
 Dropout is 0 on both sides (the step's arithmetic is what is compared). BERT runs masked-LM
 (15% of tokens predicted, tied head over the 30522-token vocabulary); GPT-2 runs causal LM.
-Each time is the fastest of ``--repeats`` steps after a warm-up step, the candidates' steps
-interleaved so that a shared machine's changing load hits them alike; tokens/s is
+Each time is the fastest of ``--repeats`` steps, the candidates interleaved so that a shared
+machine's changing load hits them alike, and each timed step right after an untimed step of
+its own, so that no timed step directly follows a different candidate; tokens/s is
 ``batch * seq / time``.
 
     python -m benchmarks.bench_train_step                # 8 x 128, saves benchmarks/results/train_step.json
     python -m benchmarks.bench_train_step --compile      # also torch.compile (several minutes more)
     python -m benchmarks.bench_train_step --quick        # tiny models, a smoke test
+    python -m benchmarks.bench_train_step --no-bf16      # float32 rows only
 """
 
 from __future__ import annotations
@@ -92,7 +98,7 @@ def _jax_step(folder: str, data: dict[str, Any], dtype: str, fused: bool = False
             return jaxloss.cross_entropy(out.logits, targets)
         head = m.output_embedding()
         h = out.prelogits.reshape(-1, out.prelogits.shape[-1])
-        return jaxloss.linear_cross_entropy(h, head.weight, targets.reshape(-1), bias=head.bias,
+        return jaxloss.linear_cross_entropy(h, head.weight.astype(h.dtype), targets.reshape(-1), bias=head.bias,
                                             weight_layout=head.layout)
 
     @partial(jax.jit, donate_argnums=(0, 1))
@@ -112,7 +118,9 @@ def _jax_step(folder: str, data: dict[str, Any], dtype: str, fused: bool = False
     return run
 
 
-def _torch_step(torch_cls: Any, folder: str, data: dict[str, Any], compiled: bool) -> Callable[[], Any]:
+def _torch_step(torch_cls: Any, folder: str, data: dict[str, Any], compiled: bool, bf16: bool = False) -> Callable[[], Any]:
+    import contextlib
+
     import torch
 
     model = torch_cls.from_pretrained(folder, attn_implementation="sdpa").train()
@@ -120,14 +128,41 @@ def _torch_step(torch_cls: Any, folder: str, data: dict[str, Any], compiled: boo
     forward = torch.compile(model) if compiled else model
     batch = {k: torch.as_tensor(v) for k, v in data.items()}
 
+    def autocast() -> Any:
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
     def run() -> Any:
         opt.zero_grad(set_to_none=True)
-        loss = forward(**batch).loss
+        with autocast():
+            loss = forward(**batch).loss
         loss.backward()
         opt.step()
         return float(loss.detach())
 
     return run
+
+
+_TAGS = {"float32": "", "bfloat16": " bf16"}
+
+
+def _candidates(args: argparse.Namespace, torch_cls: Any, folder: str,
+                data: dict[str, Any]) -> list[tuple[str, str, Callable[[], Callable[[], Any]]]]:
+    """``(name, compute dtype, build)`` of every step timed, in the order they run."""
+    out = []
+    for dtype in ("float32", "bfloat16") if args.bf16 else ("float32",):
+        tag = _TAGS[dtype]
+        out.append((f"jax{tag}", dtype, partial(_jax_step, folder, data, dtype)))
+        if args.fused:
+            out.append((f"jax{tag} fused loss", dtype, partial(_jax_step, folder, data, dtype, fused=True)))
+        out.append((f"torch eager{tag}", dtype,
+                    partial(_torch_step, torch_cls, folder, data, compiled=False, bf16=dtype == "bfloat16")))
+    if args.compile:
+        out.append(("torch.compile", "float32", partial(_torch_step, torch_cls, folder, data, compiled=True)))
+    return out
+
+
+def _ratio(base: float | None, seconds: float) -> float | None:
+    return base / seconds if base else None
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -142,20 +177,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             torch_cls(config).save_pretrained(folder)
             data = _batch(name, config.vocab_size, args.batch, args.seq)
             tokens = args.batch * args.seq
-            candidates: list[tuple[str, Callable[[], Callable[[], Any]]]] = [
-                ("jax", lambda: _jax_step(folder, data, "float32")),
-                ("torch eager", lambda: _torch_step(torch_cls, folder, data, compiled=False)),
-            ]
-            if args.fused:
-                candidates.insert(1, ("jax fused loss", lambda: _jax_step(folder, data, "float32", fused=True)))
-            if args.bf16:
-                candidates.insert(1, ("jax bf16", lambda: _jax_step(folder, data, "bfloat16")))
-            if args.compile:
-                candidates.append(("torch.compile", lambda: _torch_step(torch_cls, folder, data, compiled=True)))
+            candidates = _candidates(args, torch_cls, folder, data)
             steps: dict[str, Callable[[], Any]] = {}
             setups: dict[str, float] = {}
             first_loss: dict[str, float] = {}
-            for impl, build in candidates:
+            for impl, _, build in candidates:
                 start = time.perf_counter()
                 try:
                     fn = build()
@@ -165,22 +191,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 steps[impl], setups[impl] = fn, time.perf_counter() - start
             # Interleaved repeats: on a shared machine a load change hits every candidate alike.
+            # Each timed step follows an untimed one of the same candidate, so no step pays for
+            # the one before it (memory the other framework just freed, its worker threads).
             results = {impl: float("inf") for impl in steps}
             for _ in range(args.repeats):
                 for impl, fn in steps.items():
-                    results[impl] = min(results[impl], time_call(fn, repeats=1, warmup=0))
+                    results[impl] = min(results[impl], time_call(fn, repeats=1, warmup=1))
             for impl, seconds in results.items():
                 print(f"{name} / {impl}: {seconds:.3f} s/step (setup + first step {setups[impl]:.1f} s, "
                       f"first loss {first_loss[impl]:.6f})", file=sys.stderr)
-                rows.append({"model": name, "impl": impl, "seconds_per_step": seconds, "tokens_per_second": tokens / seconds,
-                             "setup_seconds": setups[impl], "first_step_loss": first_loss[impl]})
+                dtype = next(d for i, d, _ in candidates if i == impl)
+                torch_same_dtype = results.get(f"torch eager{_TAGS[dtype]}")
+                rows.append({"model": name, "impl": impl, "dtype": dtype, "seconds_per_step": seconds,
+                             "tokens_per_second": tokens / seconds, "setup_seconds": setups[impl],
+                             "first_step_loss": first_loss[impl],
+                             "speedup_vs_torch_eager": _ratio(results.get("torch eager"), seconds),
+                             "speedup_vs_torch_eager_same_dtype": _ratio(torch_same_dtype, seconds)})
             del steps
-            base = results.get("torch eager")
-            for row in rows:
-                if row["model"] == name:
-                    row["speedup_vs_torch_eager"] = base / row["seconds_per_step"] if base else None
     return {"batch": args.batch, "seq": args.seq, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
             "rows": rows}
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,13 +227,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time torch.compile (its compilation takes minutes per model on 2 cores)")
     parser.add_argument("--no-fused", dest="fused", action="store_false",
                         help="skip the row with jaxloss.linear_cross_entropy on the hidden states")
-    parser.add_argument("--bf16", action="store_true", help="also time JAX with bfloat16 compute")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="skip the bfloat16 rows (JAX with bf16 compute, PyTorch under bf16 autocast)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step.json)")
     args = parser.parse_args(argv)
     result = measure(args)
-    headers = ["model", "impl", "s/step", "tokens/s", "first loss", "vs torch eager"]
+    headers = ["model", "impl", "s/step", "tokens/s", "first loss", "vs torch eager f32", "vs torch eager, same dtype"]
     table = [[r["model"], r["impl"], r["seconds_per_step"], r["tokens_per_second"], f"{r['first_step_loss']:.5f}",
-              "-" if r.get("speedup_vs_torch_eager") is None else f"{r['speedup_vs_torch_eager']:.2f}x"]
+              _times(r["speedup_vs_torch_eager"]), _times(r["speedup_vs_torch_eager_same_dtype"])]
              for r in result["rows"]]
     print(f"train step, batch {args.batch} x {args.seq} tokens, fastest of {args.repeats}")
     print(format_table(headers, table))

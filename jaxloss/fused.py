@@ -25,10 +25,12 @@ from jaxloss._validation import as_float_array, check_class_ids, check_fraction,
 
 LAYOUTS = ("dv", "vd")
 # float32 logits per tile of the fused-gradient strategy: 1/FUSED_TILE_FRACTION of its (D, V)
-# weight-gradient accumulator, within [FUSED_TILE_MIN, FUSED_TILE_MAX] elements (32 to 128 MiB).
+# weight-gradient accumulator, within [FUSED_TILE_MIN, FUSED_TILE_MAX] elements (32 to 128 MiB),
+# and FUSED_ROWS rows whenever such a tile fits in FUSED_TILE_MAX.
 FUSED_TILE_FRACTION = 32
 FUSED_TILE_MIN = 1 << 23
 FUSED_TILE_MAX = 1 << 25
+FUSED_ROWS = 512
 LOW_MEMORY_TOKEN_CHUNK = 1024
 LOW_MEMORY_VOCAB_CHUNK = 4096
 
@@ -111,9 +113,10 @@ def linear_cross_entropy(
       class_weight: optional ``(V,)`` per-class weights (PyTorch's ``weight=``).
       low_memory: use the recompute strategy with the vocabulary in the outer loop.
       token_chunk_size: tokens per tile (default 1024 for ``low_memory``; for the default
-        strategy, the rows of a float32 logits tile of ``D * V / 32`` elements clamped to
-        [2**23, 2**25], rounded down to a power of two in [16, 1024]). Smaller chunks save
-        memory; larger ones pass over the ``(D, V)`` accumulator fewer times.
+        strategy, 512 when a float32 ``(512, V)`` tile fits in 128 MiB, else the rows of a
+        tile of ``D * V / 32`` elements clamped to [2**23, 2**25]; a power of two in
+        [16, 1024]). Smaller chunks save memory; larger ones pass over the ``(D, V)``
+        accumulator fewer times.
       vocab_chunk_size: classes per tile of the recompute strategy, and per slice of the
         default strategy's gradient step (which computes the logits of the whole
         vocabulary at once); default 4096.
@@ -291,14 +294,23 @@ def _token_chunk(size: int | None, dims: int, vocab: int, fused: bool) -> int:
     """Tokens per chunk: the given size, 1024 for ``low_memory``, else sized by the logits tile.
 
     The fused-gradient strategy holds a float32 ``(D, V)`` accumulator and one float32
-    ``(token_chunk, V)`` logits tile; the tile is kept to about 1/32 of the accumulator (so
-    the accumulator is nearly all its memory), but at least 32 MiB, since every chunk also
-    reads and writes the whole accumulator once. A power of two in [16, 1024].
+    ``(token_chunk, V)`` logits tile, and every chunk reads and writes the whole
+    accumulator once: 8 bytes per element against ``2 * token_chunk`` flops of the chunk's
+    weight-gradient product. So a chunk gets ``FUSED_ROWS`` (512) tokens, which makes that
+    traffic small next to the product, whenever the tile fits in 128 MiB. Beyond that memory
+    comes first: the tile is about 1/32 of the accumulator (so the accumulator is nearly all
+    the memory), at least 32 MiB and at most 128 MiB. A power of two in [16, 1024].
+
+    Example:
+      >>> _token_chunk(None, 1024, 50257, True), _token_chunk(None, 2048, 131072, True)
+      (512, 64)
     """
     if size is not None or not fused:
         return _positive(size, "token_chunk_size", LOW_MEMORY_TOKEN_CHUNK)
-    tile = min(FUSED_TILE_MAX, max(FUSED_TILE_MIN, dims * vocab // FUSED_TILE_FRACTION))
-    rows = max(1, tile // max(vocab, 1))
+    tile = max(FUSED_TILE_MIN, dims * vocab // FUSED_TILE_FRACTION)
+    if FUSED_ROWS * vocab <= FUSED_TILE_MAX:
+        tile = max(tile, FUSED_ROWS * vocab)
+    rows = max(1, min(tile, FUSED_TILE_MAX) // max(vocab, 1))
     return int(min(1024, max(16, 1 << (rows.bit_length() - 1))))
 
 
