@@ -11,7 +11,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from train.models.matmul import matmul, transposed_copy
 
@@ -137,25 +137,34 @@ def test_vmap_matches_loop():
             np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
 
 
-def test_sharded_over_devices_equals_one_device():
-    """Rows sharded over one mesh axis and the weight's output columns over another, as the
-    training system shards a batch (data) and a kernel (tensor)."""
-    devices = np.array(jax.devices()[:4]).reshape(2, 2)
-    mesh = jax.sharding.Mesh(devices, ("data", "tensor"))
-    x, w, ct = _inputs(False, seed=2)
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_sharded_over_devices_equals_one_device(axis_type, transpose_w):
+    """Rows sharded over one mesh axis and the weight's output features over another, as the
+    training system shards a batch (data) and a kernel (tensor); with explicit mesh axes the
+    gradients take their inputs' shardings."""
+    mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(axis_type,) * 2, devices=jax.devices()[:4])
+    x, w, ct = _inputs(transpose_w, seed=2)
     x = np.concatenate([x, x[:1]])  # 4 rows of (5, K)
     ct = np.concatenate([ct, ct[:1]])
 
     def loss(x, w):
-        return jnp.sum(jnp.asarray(ct) * matmul(x, w, jnp.bfloat16))
+        return jnp.sum(jnp.asarray(ct) * matmul(x, w, jnp.bfloat16, transpose_w=transpose_w))
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     want = step(jnp.asarray(x), jnp.asarray(w))
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    ws = jax.device_put(w, NamedSharding(mesh, P(None, "tensor")))
-    got = step(xs, ws)
+    w_spec = P("tensor") if transpose_w else P(None, "tensor")
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        ws = jax.device_put(w, NamedSharding(mesh, w_spec))
+        got = step(xs, ws)
+    # The loss sums per-device partial sums in another order: float32 rounding.
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=5e-5, atol=1e-6)
+    if axis_type == AxisType.Explicit:
+        _, (dx, dw) = got
+        assert dx.sharding.is_equivalent_to(xs.sharding, dx.ndim)
+        assert dw.sharding.is_equivalent_to(ws.sharding, dw.ndim)
 
 
 def test_mismatched_shapes_name_both():

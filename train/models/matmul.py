@@ -64,10 +64,16 @@ def matmul(x: Array, w: Array, dtype: Dtype, *, transpose_w: bool = False) -> Ar
     return y.reshape(lead_shape + (y.shape[-1],))
 
 
-def _dot(a: Array, b: Array, contract_b: int) -> Array:
-    """``a @ b`` (``contract_b=0``) or ``a @ b.T`` (``contract_b=1``) for 2-D ``a``, accumulated in float32 (or wider)."""
+def _dot(a: Array, b: Array, contract_b: int, out_like: Array | None = None) -> Array:
+    """``a @ b`` (``contract_b=0``) or ``a @ b.T`` (``contract_b=1``) for 2-D ``a``, accumulated in float32 (or wider).
+
+    ``out_like``: an array whose sharding the result takes (needed under explicit mesh axes
+    when the contracted axes are sharded, as for the gradients).
+    """
     acc = jnp.float64 if jnp.float64 in (a.dtype, b.dtype) else jnp.float32
-    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=acc)
+    sharding = None if out_like is None else jax.typeof(out_like).sharding
+    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=acc,
+                               out_sharding=sharding)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -83,11 +89,11 @@ def _low_precision_dot_bwd(contract_w: int, residuals: tuple[Array, Array], g: A
     x, w = residuals
     g = g.astype(x.dtype)
     if contract_w == 0:  # y = x W: dx = g W^T, dW = x^T g
-        dx = _dot(g, w, 1)
-        dw = _dot(transposed_copy(x), g, 0)
+        dx = _dot(g, w, 1, out_like=x)
+        dw = _dot(transposed_copy(x), g, 0, out_like=w)
     else:  # y = x E^T: dx = g E, dE = g^T x
-        dx = _dot(g, w, 0)
-        dw = _dot(transposed_copy(g), x, 0)
+        dx = _dot(g, w, 0, out_like=x)
+        dw = _dot(transposed_copy(g), x, 0, out_like=w)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
