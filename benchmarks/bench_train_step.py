@@ -118,7 +118,8 @@ def _jax_step(folder: str, data: dict[str, Any], dtype: str, fused: bool = False
     return run
 
 
-def _torch_step(torch_cls: Any, folder: str, data: dict[str, Any], compiled: bool, bf16: bool = False) -> Callable[[], Any]:
+def _torch_step(torch_cls: Any, folder: str, data: dict[str, Any], compiled: bool,
+                bf16: bool = False) -> Callable[[], Any]:
     import contextlib
 
     import torch

@@ -32,7 +32,7 @@ def _inputs(transpose_w: bool, seed: int = 0):
 
 
 def _reference(x, w, ct, transpose_w: bool, dtype):
-    """float64 ``(y, dx, dw)`` of ``sum(ct * (x @ w))`` with inputs (and, for bf16, the cotangent) rounded to ``dtype``."""
+    """float64 ``(y, dx, dw)`` of ``sum(ct * (x @ w))``, inputs (and for bf16 the cotangent) rounded to ``dtype``."""
     rnd = _bf16_round if dtype == jnp.bfloat16 else (lambda a: np.asarray(a, np.float64))
     x64, w64, ct64 = rnd(x).reshape(-1, K), rnd(w), rnd(ct).reshape(-1, N)
     wk = w64.T if transpose_w else w64  # (K, N)

@@ -135,8 +135,8 @@ def fused_token_loss(hidden: Array, embedding: Any, targets: Array, where: Array
     embedding (``logits = hidden @ W + b`` is never held in full). As for the full logits
     (:meth:`OutputEmbedding.logits`), the weight is cast to the hidden states' (compute) dtype."""
     return jaxloss.linear_cross_entropy(
-        hidden, embedding.weight.astype(hidden.dtype), targets, bias=embedding.bias, weight_layout=embedding.layout, where=where,
-        label_smoothing=label_smoothing, reduction="sum_count",
+        hidden, embedding.weight.astype(hidden.dtype), targets, bias=embedding.bias,
+        weight_layout=embedding.layout, where=where, label_smoothing=label_smoothing, reduction="sum_count",
     )
 
 
