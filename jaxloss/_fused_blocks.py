@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.experimental.layout import Layout, with_layout_constraint
 
 DV = "dv"
 VD = "vd"
@@ -138,13 +139,17 @@ def dynamic_update(x: Array, update: Array, start: Array, axis: int) -> Array:
 
 
 def transposed(x: Array) -> Array:
-    """A transposed copy of a 2-D array, kept as a real copy.
+    """A transposed copy of a 2-D array, laid out row-major on CPU.
 
-    The barrier stops XLA from folding the transpose back into the matmul that reads it,
-    which would contract the left operand's first axis: the slow path of XLA:CPU (and for
-    bf16 x bf16 -> f32, an unsupported one).
+    Without the layout constraint XLA folds the transpose back into the matmul that reads
+    it, which would contract the left operand's first axis: the slow path of XLA:CPU (and for
+    bf16 x bf16 -> f32, a conversion of both operands to float32).
     """
-    return jax.lax.optimization_barrier(_from_bits(_bits(x).T, x.dtype))
+    return jax.lax.platform_dependent(x, cpu=_row_major_transpose, default=jnp.transpose)
+
+
+def _row_major_transpose(x: Array) -> Array:
+    return with_layout_constraint(x.T, Layout(major_to_minor=(0, 1)))
 
 
 def weight_columns(weight: Array, layout: str, start: Array, size: int) -> Array:

@@ -334,3 +334,26 @@ def test_sharded_tests_on_eight_devices():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "8 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bf16 GEMM layouts")
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_bf16_products_stay_bf16(layout, low_memory):
+    """Every product of forward + backward takes bf16 operands: none is converted to float32
+    (a transposed operand that XLA:CPU cannot read natively would be, at twice the cost)."""
+    import re
+
+    n, d, v = 256, 128, 1024
+    h = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((d, v) if layout == "dv" else (v, d), jnp.bfloat16)
+    t = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def loss(h, w, t):
+        return linear_cross_entropy(h, w, t, weight_layout=layout, low_memory=low_memory, token_chunk_size=128,
+                                    vocab_chunk_size=256)
+
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w, t).compile().as_text()
+    operands = [re.findall(r"param_[\d.]+: (\w+)\[", c.strip().splitlines()[0]) for c in hlo.split("\n\n") if " dot(" in c]
+    assert len(operands) >= 3
+    assert all(o == ["bf16", "bf16"] for o in operands), operands
