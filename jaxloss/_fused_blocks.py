@@ -84,10 +84,16 @@ def accumulation_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
     return wider_float(jnp.float32, *dtypes)
 
 
-def dot(a: Array, b: Array, contract_b: int) -> Array:
-    """``a @ b`` (``contract_b=0``) or ``a @ b.T`` (``contract_b=1``), accumulated in float32 or wider."""
+def dot(a: Array, b: Array, contract_b: int, out_like: Array | None = None) -> Array:
+    """``a @ b`` (``contract_b=0``) or ``a @ b.T`` (``contract_b=1``), accumulated in float32 or wider.
+
+    ``out_like``: an array whose sharding the result takes (needed under explicit mesh axes
+    when the contracted axes are sharded).
+    """
     acc = accumulation_dtype(a.dtype, b.dtype)
-    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=acc)
+    sharding = None if out_like is None else jax.typeof(out_like).sharding
+    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=acc,
+                               out_sharding=sharding)
 
 
 def _bits(x: Array) -> Array:

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from train.models.matmul import matmul, transposed_copy
+from jaxloss._fused_blocks import transposed
+from train.models.matmul import matmul
 
 K, N = 24, 40
 
@@ -120,8 +121,8 @@ def test_bfloat16_backward_compiles_to_native_bf16_products(transpose_w):
 
 def test_transposed_copy_is_the_transpose():
     a = jnp.arange(12.0, dtype=jnp.float32).reshape(3, 4)
-    np.testing.assert_array_equal(np.asarray(jax.jit(transposed_copy)(a)), np.asarray(a).T)
-    np.testing.assert_array_equal(np.asarray(transposed_copy(a.astype(jnp.bfloat16)), np.float32), np.asarray(a).T)
+    np.testing.assert_array_equal(np.asarray(jax.jit(transposed)(a)), np.asarray(a).T)
+    np.testing.assert_array_equal(np.asarray(transposed(a.astype(jnp.bfloat16)), np.float32), np.asarray(a).T)
 
 
 def test_vmap_matches_loop():

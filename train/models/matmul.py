@@ -17,10 +17,11 @@ float32 and all backward products run at the float32 rate, after full-size conve
 native form: the cotangent is rounded to the compute dtype once (as
 ``jax.lax.DotAlgorithmPreset.BF16_BF16_F32`` does), ``g W^T`` and ``g E`` contract a
 row-major weight directly, and the one operand that must be transposed (``x`` or ``g``) is
-copied into a row-major transposed buffer (:func:`transposed_copy`; on CPU only, through a
-layout constraint, since XLA would otherwise fold a plain transpose back into the product).
-The copy reads ``M x K`` elements for a ``2 M K N``-flop product. float32 products keep
-plain autodiff: XLA:CPU runs every float32 form at the same rate.
+copied into a row-major transposed buffer (on CPU through a layout constraint, since XLA
+would otherwise fold a plain transpose back into the product). The products and the copy
+are the fused loss's own (``jaxloss._fused_blocks.dot`` and ``transposed``). The copy
+reads ``M x K`` elements for a ``2 M K N``-flop product. float32 products keep plain
+autodiff: XLA:CPU runs every float32 form at the same rate.
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jax.experimental.layout import Layout, with_layout_constraint
+
+from jaxloss._fused_blocks import dot, transposed
 
 Dtype = jnp.dtype | type
-
-_ROW_MAJOR_2D = Layout(major_to_minor=(0, 1))
 
 
 def matmul(x: Array, w: Array, dtype: Dtype, *, transpose_w: bool = False) -> Array:
@@ -58,57 +58,31 @@ def matmul(x: Array, w: Array, dtype: Dtype, *, transpose_w: bool = False) -> Ar
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if jnp.dtype(dtype).itemsize >= 4:
-        y = _dot(x2, w, int(transpose_w))
+        y = dot(x2, w, int(transpose_w))
     else:
         y = _low_precision_dot(int(transpose_w), x2, w)
     return y.reshape(lead_shape + (y.shape[-1],))
 
 
-def _dot(a: Array, b: Array, contract_b: int, out_like: Array | None = None) -> Array:
-    """``a @ b`` (``contract_b=0``) or ``a @ b.T`` (``contract_b=1``) for 2-D ``a``, accumulated in float32 (or wider).
-
-    ``out_like``: an array whose sharding the result takes (needed under explicit mesh axes
-    when the contracted axes are sharded, as for the gradients).
-    """
-    acc = jnp.float64 if jnp.float64 in (a.dtype, b.dtype) else jnp.float32
-    sharding = None if out_like is None else jax.typeof(out_like).sharding
-    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=acc,
-                               out_sharding=sharding)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _low_precision_dot(contract_w: int, x: Array, w: Array) -> Array:
-    return _dot(x, w, contract_w)
+    return dot(x, w, contract_w)
 
 
 def _low_precision_dot_fwd(contract_w: int, x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-    return _dot(x, w, contract_w), (x, w)
+    return dot(x, w, contract_w), (x, w)
 
 
 def _low_precision_dot_bwd(contract_w: int, residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     x, w = residuals
     g = g.astype(x.dtype)
     if contract_w == 0:  # y = x W: dx = g W^T, dW = x^T g
-        dx = _dot(g, w, 1, out_like=x)
-        dw = _dot(transposed_copy(x), g, 0, out_like=w)
+        dx = dot(g, w, 1, out_like=x)
+        dw = dot(transposed(x), g, 0, out_like=w)
     else:  # y = x E^T: dx = g E, dE = g^T x
-        dx = _dot(g, w, 0, out_like=x)
-        dw = _dot(transposed_copy(g), x, 0, out_like=w)
+        dx = dot(g, w, 0, out_like=x)
+        dw = dot(transposed(g), x, 0, out_like=w)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 _low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
-
-
-def transposed_copy(a: Array) -> Array:
-    """``a.T`` for a 2-D ``a``; on CPU materialised row-major, so a product reads it natively.
-
-    Example:
-      >>> transposed_copy(jnp.arange(6.0).reshape(2, 3)).shape
-      (3, 2)
-    """
-    return jax.lax.platform_dependent(a, cpu=_row_major_transpose, default=jnp.transpose)
-
-
-def _row_major_transpose(a: Array) -> Array:
-    return with_layout_constraint(a.T, _ROW_MAJOR_2D)
