@@ -212,6 +212,33 @@ def tile_stats(x: Array, hit: Array, col_weight: Array, smoothing: bool) -> Tile
     return TileStats(peak, scaled_sum, picked, smooth)
 
 
+def tile_stats_and_exp(x: Array, targets: Array, col_weight: Array, smoothing: bool) -> tuple[TileStats, Array, Array]:
+    """``(stats, e, shift)``: :func:`tile_stats` of a tile holding all ``x.shape[1]`` columns
+    (none masked) for rows whose targets are the column ids ``targets`` (out of range: no
+    target here), with ``e = exp(x - shift)`` kept for the gradient (see
+    :func:`tile_grad_from_exp`).
+
+    ``e`` is an element-wise loop (all cores) and its sum a plain reduction, where
+    ``sum(exp(...))`` inside a reduction runs ``exp`` on one core of XLA:CPU; the gradient
+    then reuses ``e`` instead of computing ``exp`` again, so ``exp`` runs once per logit. The
+    target logit is gathered (one read per row), not summed out of a masked copy of the tile.
+    """
+    zero = jnp.zeros((), x.dtype)
+    here = (targets >= 0) & (targets < x.shape[1])
+    gathered = jnp.take_along_axis(x, jnp.where(here, targets, 0)[:, None], axis=1)[:, 0]
+    picked = jnp.where(here, gathered, zero)
+    # max(row max, target logit) is the row max; written so, e depends on the gather, which
+    # then reads x before e does and e may overwrite x in place (one tile buffer, not two)
+    peak = jnp.maximum(jnp.max(x, axis=1), jnp.where(here, gathered, jnp.full((), -jnp.inf, x.dtype)))
+    shift = jnp.where(jnp.isfinite(peak), peak, zero)
+    if smoothing:
+        smooth = jnp.sum(jnp.where(col_weight[None, :] == 0, zero, col_weight[None, :] * x), axis=1)
+    else:
+        smooth = jnp.zeros_like(picked)
+    e = jnp.exp(x - shift[:, None])
+    return TileStats(peak, jnp.sum(e, axis=1), picked, smooth), e, shift
+
+
 def merge_stats(a: TileStats, b: TileStats) -> TileStats:
     """Online logsumexp merge: ``lse(merge) = logaddexp(lse(a), lse(b))``; sums add."""
     peak = jnp.maximum(a.peak, b.peak)
@@ -273,6 +300,18 @@ def tile_grad(x: Array, tanh_z: Array | None, masks: Masks, lse: Array, coef: Ro
     return jnp.where(masks.cols[None, :], grad, zero)
 
 
+def tile_grad_from_exp(e: Array, shift: Array, tanh_z: Array | None, masks: Masks, lse: Array,
+                       coef: RowCoefficients, smoothing: bool) -> Array:
+    """:func:`tile_grad` from ``e = exp(x - shift)`` (:func:`tile_stats_and_exp`): ``softmax(x) = e exp(shift - lse)``."""
+    zero = jnp.zeros((), e.dtype)
+    grad = (coef.a * jnp.exp(shift - lse))[:, None] * e - jnp.where(masks.hit, coef.b[:, None], zero)
+    if smoothing:
+        grad = grad - coef.c[:, None] * masks.col_weight[None, :]
+    if tanh_z is not None:
+        grad = grad * (1 - jnp.square(tanh_z))
+    return jnp.where(masks.cols[None, :], grad, zero)
+
+
 def take_rows(x: Array, start: Array, size: int) -> Array:
     return dynamic_slice(x, start, size, 0)
 
@@ -297,6 +336,13 @@ def add_weight_columns(buffer: Array, layout: str, start: Array, h: Array, h_t: 
     if layout == DV:
         return add_columns(buffer, start, dot(h_t, dz, 0))
     return add_rows(buffer, start, dot(transposed(dz), h, 0))
+
+
+def weight_grad(layout: str, h: Array, h_t: Array | None, dz: Array) -> Array:
+    """The weight gradient ``h^T dz`` of the whole vocabulary in the weight's layout (float32 or wider)."""
+    if layout == DV:
+        return dot(h_t, dz, 0)
+    return dot(transposed(dz), h, 0)
 
 
 def put_rows(buffer: Array, start: Array, rows: Array) -> Array:

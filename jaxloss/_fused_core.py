@@ -161,28 +161,44 @@ def _fused_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side):
     num_vocab, v = plan.vocab.total, plan.vocab.size
     mm = w.dtype
     acc = blk.accumulation_dtype(mm)
-    cols = jnp.arange(num_vocab, dtype=side.local_targets.dtype)
     d = h.shape[1]
 
-    def body(carry, k):
-        dh, dw, db, total = carry
+    def head(k):
+        """The chunk's rows, logits, ``e``, statistics, loss sum and gradient coefficients."""
         start, rows = _rows(side, tokens, k)
         hb = _hidden_rows(h, start, n, rows.live, mm)
         x, _ = blk.tile_logits(hb, w, b, plan.layout, plan.softcap)
-        hit = cols[None, :] == rows.local_targets[:, None]
-        stats = blk.psum_stats(blk.tile_stats(x, hit, side.class_weight, plan.smoothing), plan.vocab_axes)
+        stats, e, shift = blk.tile_stats_and_exp(x, rows.local_targets, side.class_weight, plan.smoothing)
+        stats = blk.psum_stats(stats, plan.vocab_axes)
         loss, lse = _row_losses(stats, rows, side, plan)
-        total = total + jnp.sum(rows.scale * loss)
         coef = _coefficients(lse, rows.scale, rows, side, plan)
         hb_t = blk.transposed(hb) if plan.layout == blk.DV else None
+        return start, rows, hb, hb_t, x, e, shift, lse, coef, jnp.sum(rows.scale * loss)
+
+    def first(k):
+        """The first chunk's gradients as whole products: they start the accumulators."""
+        start, rows, hb, hb_t, x, e, shift, lse, coef, total = head(k)
+        masks = blk.tile_masks(jnp.zeros((), jnp.int32), jnp.ones((num_vocab,), bool), rows.local_targets,
+                               side.class_weight)
+        tanh_z = blk.softcap_tanh(x, plan.softcap)
+        dz = blk.tile_grad_from_exp(e, shift, tanh_z, masks, lse, coef, plan.smoothing)
+        dz_mm = dz.astype(mm)
+        dh = blk.put_rows(_zeros(h.shape, h.dtype, plan.diff_vma), start, blk.dot(dz_mm, w, _grad_contract(plan.layout)))
+        dw = blk.weight_grad(plan.layout, hb, hb_t, dz_mm)
+        db = None if b is None else jnp.sum(dz, axis=0)
+        return dh, dw, db, total
+
+    def body(carry, k):
+        dh, dw, db, total = carry
+        start, rows, hb, hb_t, x, e, shift, lse, coef, chunk_total = head(k)
 
         def slice_body(inner, c):
             dh_rows, dw, db = inner
             c_start, c_fresh, w_cols, _, cw = _column_slices(plan, w, None, side, c)
-            xs = blk.dynamic_slice(x, c_start, v, 1)
+            es = blk.dynamic_slice(e, c_start, v, 1)
+            tanh_z = None if plan.softcap is None else blk.softcap_tanh(blk.dynamic_slice(x, c_start, v, 1), plan.softcap)
             masks = blk.tile_masks(c_start, c_fresh, rows.local_targets, cw)
-            dz = blk.tile_grad(blk.mask_columns(xs, masks.cols), blk.softcap_tanh(xs, plan.softcap), masks, lse, coef,
-                               plan.smoothing)
+            dz = blk.tile_grad_from_exp(es, shift, tanh_z, masks, lse, coef, plan.smoothing)
             dz_mm = dz.astype(mm)
             # Columns covered twice have dz = 0 (not fresh), so adding is exact.
             dh_rows = dh_rows + blk.dot(dz_mm, w_cols, _grad_contract(plan.layout))
@@ -194,15 +210,13 @@ def _fused_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side):
         inner = (_zeros((n, d), acc, plan.diff_vma), dw, db)
         (dh_rows, dw, db), _ = jax.lax.scan(slice_body, inner, jnp.arange(plan.vocab.count))
         dh = blk.put_rows(dh, start, dh_rows)
-        return (dh, dw, db, total), None
+        return (dh, dw, db, total + chunk_total), None
 
-    init = (
-        _zeros(h.shape, h.dtype, plan.diff_vma),
-        _zeros(w.shape, acc, plan.diff_vma),
-        None if b is None else _zeros((num_vocab,), acc, plan.diff_vma),
-        _zeros((), acc, plan.row_vma),
-    )
-    (dh, dw, db, total), _ = jax.lax.scan(body, init, tokens.order())
+    order = tokens.order()
+    carry = first(order[0])
+    if tokens.count > 1:
+        carry, _ = jax.lax.scan(body, carry, order[1:])
+    dh, dw, db, total = carry
     return total, (dh, dw, db)
 
 

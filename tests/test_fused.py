@@ -203,6 +203,28 @@ def test_skipped_rows_do_not_leak_nan_and_bad_targets_give_nan():
     assert float(pair.mean()) == 0.0
 
 
+@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("token_chunk", [4, 64], ids=["chunked", "one_chunk"])
+def test_minus_inf_bias_masks_columns(low_memory, token_chunk):
+    """A bias of -inf (padded vocabulary entries) gives finite values and gradients, equal to the
+    unfused loss; a target at such a column gives inf, as in PyTorch."""
+    h, w, b, t, _, _ = _inputs(n=13, v=24)
+    padded = jnp.arange(24) >= 20
+    b = jnp.where(padded, -jnp.inf, b)
+    t = jnp.where(t >= 20, t - 4, t)
+    options = dict(low_memory=low_memory, token_chunk_size=token_chunk, vocab_chunk_size=7)
+    loss = lambda h, w, b: linear_cross_entropy(h, w, t, bias=b, **options)  # noqa: E731
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(h, w, b)
+    ref_value, ref_grads = jax.value_and_grad(lambda h, w, b: _reference(h, w, b, t, reduction="mean"),
+                                              argnums=(0, 1, 2))(h, w, b)
+    assert np.isfinite(float(value)) and all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
+    assert float(grads[2][22]) == 0.0
+    assert float(linear_cross_entropy(h, w, t.at[2].set(21), bias=b, **options)) == np.inf
+
+
 def test_bad_input_errors_name_arguments():
     h, w, b, t, _, _ = _inputs(n=4, d=6, v=10)
     with pytest.raises(ValueError, match=r"hidden has shape \(4, 6\).*weight has shape \(10, 6\)"):
