@@ -16,8 +16,8 @@ and for an upstream cotangent ``g_i``,
 - :func:`fused_total` (scalar losses): walks token chunks, each against the whole
   vocabulary, and forms the gradients of hidden, weight and bias during the forward pass;
   the backward pass only scales them by the incoming cotangent. Three matmuls in all (the
-  floor); holds one ``(token_chunk, V)`` float32 logits tile and a float32 ``(D, V)``
-  weight-gradient accumulator.
+  floor) and one ``exp`` per logit; holds one ``(token_chunk, V)`` float32 logits tile and a
+  float32 ``(D, V)`` weight-gradient accumulator.
 - :func:`token_losses` (per-token losses): the forward pass walks token chunks x vocabulary
   chunks with an online logsumexp and saves ``lse`` per token; the backward pass recomputes
   each tile's logits, walking the vocabulary in the outer loop so each weight-gradient slice
@@ -149,13 +149,15 @@ def _fused_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side):
     """``(sum_i scale_i l_i, (d/dh, d/dW, d/db))`` in one walk over token chunks.
 
     Per token chunk: the logits against the whole vocabulary (the one full-width float32
-    tile) and their statistics, then a walk over vocabulary slices that turns each slice of
-    the tile into its logits gradient and adds its share to the hidden rows' gradient and,
-    in place, to the float32 weight-gradient accumulator (in the weight's layout). Adding
-    slice by slice matters: a matmul's result is a new buffer on XLA:CPU, so one
-    weight-sized product per chunk would double the accumulator's memory. The hidden
-    gradient comes back in its dtype, the weight and bias gradients in float32, for the
-    backward pass to scale and round once.
+    tile), ``e = exp(x - max)`` over the tile in place, and the statistics; then a walk over
+    vocabulary slices that turns each slice of ``e`` into its logits gradient and adds its
+    share to the hidden rows' gradient and, in place, to the float32 weight-gradient
+    accumulator (in the weight's layout). Adding slice by slice matters: a matmul's result is
+    a new buffer on XLA:CPU, so one weight-sized product per chunk would double the
+    accumulator's memory. The first chunk has no accumulator to add to: its whole-vocabulary
+    products start the accumulators (no zero-filled buffer, one read-modify-write of the
+    accumulator fewer). The hidden gradient comes back in its dtype, the weight and bias
+    gradients in float32, for the backward pass to scale and round once.
     """
     tokens, n = plan.tokens, plan.tokens.size
     num_vocab, v = plan.vocab.total, plan.vocab.size
