@@ -81,6 +81,7 @@ def _jax_step(folder: str, data: dict[str, Any], dtype: str, fused: bool = False
 
     import jaxloss
     from train.models import load_pretrained
+    from train.tasks.base import fused_token_loss
 
     model = load_pretrained(folder, dtype=dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -96,10 +97,8 @@ def _jax_step(folder: str, data: dict[str, Any], dtype: str, fused: bool = False
         out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], compute_logits=not fused)
         if not fused:
             return jaxloss.cross_entropy(out.logits, targets)
-        head = m.output_embedding()
         h = out.prelogits.reshape(-1, out.prelogits.shape[-1])
-        return jaxloss.linear_cross_entropy(h, head.weight.astype(h.dtype), targets.reshape(-1), bias=head.bias,
-                                            weight_layout=head.layout)
+        return fused_token_loss(h, m.output_embedding(), targets.reshape(-1), None).mean()
 
     @partial(jax.jit, donate_argnums=(0, 1))
     def step(params: Any, opt_state: Any, batch: dict[str, Any]) -> Any:

@@ -204,12 +204,15 @@ def tile_stats(x: Array, hit: Array, col_weight: Array, smoothing: bool) -> Tile
     shift = jnp.where(jnp.isfinite(peak), peak, zero)
     scaled_sum = jnp.sum(jnp.exp(x - shift[:, None]), axis=1)
     picked = jnp.sum(jnp.where(hit, x, zero), axis=1)
-    if smoothing:
-        smooth = jnp.sum(jnp.where(col_weight[None, :] == 0, zero, col_weight[None, :] * x), axis=1)
-    else:
-        smooth = jnp.zeros_like(picked)
+    smooth = _smoothing_sum(x, col_weight) if smoothing else jnp.zeros_like(picked)
     # A tile with no finite logit has peak -inf and scaled_sum 0, which merge_stats ignores.
     return TileStats(peak, scaled_sum, picked, smooth)
+
+
+def _smoothing_sum(x: Array, col_weight: Array) -> Array:
+    """``sum_c w_c x_c`` per row, with ``0 * x = 0`` (so masked ``-inf`` columns add nothing)."""
+    zero = jnp.zeros((), x.dtype)
+    return jnp.sum(jnp.where(col_weight[None, :] == 0, zero, col_weight[None, :] * x), axis=1)
 
 
 def tile_stats_and_exp(x: Array, targets: Array, col_weight: Array, smoothing: bool) -> tuple[TileStats, Array, Array]:
@@ -231,10 +234,7 @@ def tile_stats_and_exp(x: Array, targets: Array, col_weight: Array, smoothing: b
     # then reads x before e does and e may overwrite x in place (one tile buffer, not two)
     peak = jnp.maximum(jnp.max(x, axis=1), jnp.where(here, gathered, jnp.full((), -jnp.inf, x.dtype)))
     shift = jnp.where(jnp.isfinite(peak), peak, zero)
-    if smoothing:
-        smooth = jnp.sum(jnp.where(col_weight[None, :] == 0, zero, col_weight[None, :] * x), axis=1)
-    else:
-        smooth = jnp.zeros_like(picked)
+    smooth = _smoothing_sum(x, col_weight) if smoothing else jnp.zeros_like(picked)
     e = jnp.exp(x - shift[:, None])
     return TileStats(peak, jnp.sum(e, axis=1), picked, smooth), e, shift
 
@@ -290,25 +290,25 @@ class RowCoefficients(NamedTuple):
 
 def tile_grad(x: Array, tanh_z: Array | None, masks: Masks, lse: Array, coef: RowCoefficients, smoothing: bool) -> Array:
     """Gradient of the rows' losses w.r.t. the tile's pre-cap logits ``z`` (float32, ``(n, v)``)."""
-    zero = jnp.zeros((), x.dtype)
-    grad = coef.a[:, None] * jnp.exp(x - lse[:, None]) - jnp.where(masks.hit, coef.b[:, None], zero)
-    if smoothing:
-        grad = grad - coef.c[:, None] * masks.col_weight[None, :]
-    if tanh_z is not None:
-        grad = grad * (1 - jnp.square(tanh_z))
-    # Masked columns have x = -inf (softmax 0) and weight 0; where() also clears NaN there.
-    return jnp.where(masks.cols[None, :], grad, zero)
+    return _grad_from_softmax_term(coef.a[:, None] * jnp.exp(x - lse[:, None]), tanh_z, masks, coef, smoothing)
 
 
 def tile_grad_from_exp(e: Array, shift: Array, tanh_z: Array | None, masks: Masks, lse: Array,
                        coef: RowCoefficients, smoothing: bool) -> Array:
     """:func:`tile_grad` from ``e = exp(x - shift)`` (:func:`tile_stats_and_exp`): ``softmax(x) = e exp(shift - lse)``."""
-    zero = jnp.zeros((), e.dtype)
-    grad = (coef.a * jnp.exp(shift - lse))[:, None] * e - jnp.where(masks.hit, coef.b[:, None], zero)
+    return _grad_from_softmax_term((coef.a * jnp.exp(shift - lse))[:, None] * e, tanh_z, masks, coef, smoothing)
+
+
+def _grad_from_softmax_term(a_softmax: Array, tanh_z: Array | None, masks: Masks, coef: RowCoefficients,
+                            smoothing: bool) -> Array:
+    """The tile gradient given its first term ``a_i softmax(x_i)_c`` (see :func:`tile_grad`)."""
+    zero = jnp.zeros((), a_softmax.dtype)
+    grad = a_softmax - jnp.where(masks.hit, coef.b[:, None], zero)
     if smoothing:
         grad = grad - coef.c[:, None] * masks.col_weight[None, :]
     if tanh_z is not None:
         grad = grad * (1 - jnp.square(tanh_z))
+    # Masked columns have x = -inf (softmax 0) and weight 0; where() also clears NaN there.
     return jnp.where(masks.cols[None, :], grad, zero)
 
 
