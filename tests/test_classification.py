@@ -345,3 +345,23 @@ def test_float16_matches_torch_float32_on_the_same_values():
         what="float16",
     )
 
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's buffer assignment")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_compiled_gradient_holds_at_most_one_float32_copy(dtype, label_smoothing):
+    """Forward+backward temporaries (compiled, not run): the shared ``e = exp(x - max)`` or
+    the float32 copy of 16-bit logits, never both, and for float32 logits none (``e`` is
+    written into the gradient's output buffer)."""
+    n, c = 8192, 4096  # a second float32 copy appears from 4096 rows on
+    logits = jax.ShapeDtypeStruct((n, c), dtype)
+    targets = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def loss(x, t):
+        return jaxloss.cross_entropy(x, t, label_smoothing=label_smoothing)
+
+    temp = jax.jit(jax.value_and_grad(loss)).lower(logits, targets).compile().memory_analysis().temp_size_in_bytes
+    float32_copy = 4 * n * c
+    limit = float32_copy if dtype == jnp.bfloat16 else 0
+    assert temp <= limit + float32_copy // 8, (temp, float32_copy)
