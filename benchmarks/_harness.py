@@ -36,6 +36,22 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> fl
     return best
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """The fastest of ``repeats`` timings of each ``fn()``, taken in turns (one run of each
+    per round), so that a machine slowing down or speeding up mid-run moves every candidate
+    alike and their ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
     import jax

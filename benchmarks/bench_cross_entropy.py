@@ -9,7 +9,8 @@ the loss and its gradient w.r.t. the logits:
 - ``pass``: one in-place pass over the logits (``-x`` with the input donated), the memory
   floor; a fused forward+backward needs about three (read, read, write)
 
-Each allocator setting runs in its own process (``GLIBC_TUNABLES`` is read at start-up) and
+The candidates are timed in turns (one run of each per round, the fastest kept). Each
+allocator setting runs in its own process (``GLIBC_TUNABLES`` is read at start-up) and
 the table shows them side by side. Ratios are to the ``3 passes`` floor and between candidates.
 
     python -m benchmarks.bench_cross_entropy            # full run, saves benchmarks/results/cross_entropy.json
@@ -24,7 +25,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from benchmarks._harness import ALLOCATORS, format_table, run_per_allocator, save_json, time_call
+from benchmarks._harness import ALLOCATORS, format_table, run_per_allocator, save_json, time_interleaved
 
 FULL_SHAPES = [(8192, 32000), (4096, 128256)]
 QUICK_SHAPES = [(512, 4096)]
@@ -58,11 +59,6 @@ def _measure(shapes: list[tuple[int, int]], repeats: int) -> dict[str, Any]:
             def optax_loss(logits: jax.Array) -> jax.Array:
                 return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, t))
 
-            times = {
-                "jaxloss": _time_jax(jax.jit(jax.value_and_grad(jaxloss_loss)), x, repeats),
-                "optax": _time_jax(jax.jit(jax.value_and_grad(optax_loss)), x, repeats),
-                "pass": _time_in_place_pass(x, repeats),
-            }
             tx = torch.from_numpy(logits_f32).to(getattr(torch, dtype_name))
             tt = torch.from_numpy(targets_np)
 
@@ -70,19 +66,24 @@ def _measure(shapes: list[tuple[int, int]], repeats: int) -> dict[str, Any]:
                 leaf = tx.detach().requires_grad_(True)
                 F.cross_entropy(leaf, tt).backward()
 
-            times["torch"] = time_call(torch_step, repeats=repeats)
+            times = time_interleaved({
+                "jaxloss": _jax_call(jax.jit(jax.value_and_grad(jaxloss_loss)), x),
+                "optax": _jax_call(jax.jit(jax.value_and_grad(optax_loss)), x),
+                "pass": _in_place_pass(x),
+                "torch": torch_step,
+            }, repeats=repeats)
             rows.append({"N": n, "V": v, "dtype": dtype_name, "seconds": times})
             del x
     return {"rows": rows}
 
 
-def _time_jax(step: Callable, x: Any, repeats: int) -> float:
+def _jax_call(step: Callable, x: Any) -> Callable[[], None]:
     import jax
 
-    return time_call(lambda: jax.block_until_ready(step(x)), repeats=repeats)
+    return lambda: jax.block_until_ready(step(x))
 
 
-def _time_in_place_pass(x: Any, repeats: int) -> float:
+def _in_place_pass(x: Any) -> Callable[[], None]:
     import jax
     import jax.numpy as jnp
 
@@ -92,7 +93,7 @@ def _time_in_place_pass(x: Any, repeats: int) -> float:
     def one_pass() -> None:
         state["x"] = jax.block_until_ready(scale(state["x"]))
 
-    return time_call(one_pass, repeats=repeats)
+    return one_pass
 
 
 def _summary_rows(results: dict[str, Any]) -> list[list[Any]]:
