@@ -39,13 +39,21 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> fl
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
     """The fastest of ``repeats`` timings of each ``fn()``, taken in turns (one run of each
     per round), so that a machine slowing down or speeding up mid-run moves every candidate
-    alike and their ratios stay fair."""
+    alike and their ratios stay fair.
+
+    Each round starts one candidate later than the one before: a candidate can slow the one
+    after it (PyTorch's OpenMP threads keep spinning for a while after each call), and
+    rotating the order lets every candidate follow a different one in each round.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    names = list(fns)
     best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
