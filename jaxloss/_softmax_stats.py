@@ -33,15 +33,20 @@ one, and the gradient overwrites ``e`` in place. For 16-bit logits ``e`` is a fl
 twice their size, the same size as the float32 copy of the logits that XLA:CPU writes for
 ``sum(exp(x))`` anyway (measured with ``memory_analysis()``: 2004 MiB of temporaries at
 4096 x 128256 bf16 either way), so sharing it costs no memory and saves one ``exp`` per
-logit (``value_and_grad`` 569 -> 373 ms there, with huge pages). The exception is 16-bit
-logits with a ``dot`` (label smoothing, probability targets): XLA:CPU then keeps a float32
-copy of the logits for the dot's sum, a shared ``e`` would be a second one, and the gradient
-recomputes ``exp(x - lse)`` instead.
+logit (``value_and_grad`` 569 -> 373 ms there, with huge pages).
+
+A ``dot`` over bf16 logits with unit coefficients (label smoothing without class weights) is
+a product with a column of ones, which reads the bf16 logits where a sum would make XLA:CPU
+keep a float32 copy of them (``value_and_grad`` with label smoothing 1274 -> 485 ms at
+4096 x 128256 bf16, and one float32 buffer instead of two). Other 16-bit dots (class weights, probability targets) keep
+that copy, a shared ``e`` would be a second one, and the gradient recomputes
+``exp(x - lse)`` instead.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +54,10 @@ from jax import Array
 from jax.custom_derivatives import SymbolicZero
 
 from jaxloss._reduce import compute_dtype
+
+
+#: How :func:`softmax_statistics` forms ``dot``.
+DotKind = Literal["none", "sum", "weighted"]
 
 
 def _f32(x: Array) -> Array:
@@ -125,6 +134,20 @@ def _safe_product(a: Array, x: Array) -> Array:
     return jnp.where(a == 0, jnp.zeros((), x.dtype), a * x)
 
 
+def _dot(logits: Array, coefficients: Array, dot_kind: DotKind) -> Array:
+    """``sum_c a_c x_c`` per row, with ``0 * x = 0``; ``sum_c x_c`` when ``dot_kind == "sum"``."""
+    if dot_kind == "sum" and logits.dtype == jnp.bfloat16:
+        # a product with a column of ones, exact (f32 accumulation) and reading the bf16
+        # logits in place, where XLA:CPU's sum would keep a float32 copy of them
+        ones = jnp.ones((logits.shape[-1], 1), logits.dtype)
+        column = jax.lax.dot_general(logits, ones, (((logits.ndim - 1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+        return column[..., 0]
+    if dot_kind == "sum":
+        return jnp.sum(_f32(logits), axis=-1)
+    return jnp.sum(_safe_product(jnp.broadcast_to(_f32(coefficients), logits.shape), _f32(logits)), axis=-1)
+
+
 def _class_mask(x: Array, targets: Array) -> Array:
     classes = jax.lax.broadcasted_iota(targets.dtype, x.shape, x.ndim - 1)
     return classes == targets[..., None]
@@ -136,7 +159,7 @@ def softmax_statistics(
     targets: Array,
     keep: Array,
     coefficients: Array,
-    with_dot: bool,
+    dot_kind: DotKind,
 ) -> tuple[Array, Array, Array]:
     """``(lse, picked, dot)`` per row of ``logits`` (see the module docstring).
 
@@ -145,26 +168,24 @@ def softmax_statistics(
       targets: ``(...)`` class ids in ``[0, C)`` (callers clamp invalid ones).
       keep: ``(...)`` booleans; False rows get a zero gradient.
       coefficients: ``a``, broadcastable to ``logits`` (``(C,)`` or ``(..., C)``), float.
-      with_dot: whether to compute ``dot`` (otherwise it is 0).
+      dot_kind: ``"none"`` (``dot`` is 0), ``"sum"`` (the caller promises ``a = 1``
+        everywhere: ``dot = sum_c x_c``) or ``"weighted"``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> lse, picked, dot = softmax_statistics(
-      ...     jnp.array([[0.0, 0.0]]), jnp.array([1]), jnp.array([True]), jnp.ones(2), True)
+      ...     jnp.array([[0.0, 0.0]]), jnp.array([1]), jnp.array([True]), jnp.ones(2), "sum")
       >>> round(float(lse[0]), 4), float(picked[0]), float(dot[0])
       (0.6931, 0.0, 0.0)
     """
     lse = _logsumexp(logits)
     picked = _f32(_pick(logits, targets))  # gathered before the cast: no float32 copy
-    if with_dot:
-        dot = jnp.sum(_safe_product(jnp.broadcast_to(_f32(coefficients), logits.shape), _f32(logits)), axis=-1)
-    else:
-        dot = jnp.zeros_like(lse)
+    dot = _dot(logits, coefficients, dot_kind) if dot_kind != "none" else jnp.zeros_like(lse)
     return lse, picked, dot
 
 
 def _softmax_statistics_jvp(
-    with_dot: bool,
+    dot_kind: DotKind,
     primals: tuple[Array, Array, Array, Array],
     tangents: tuple[Array, Array, Array, Array],
 ) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
@@ -172,14 +193,16 @@ def _softmax_statistics_jvp(
     d_logits, _, _, d_coefficients = tangents
     x = _f32(logits)
     zero = jnp.zeros((), x.dtype)
-    # 16-bit logits with a dot: XLA:CPU keeps a float32 copy of them for the dot's sum, and
-    # a shared e would be a second one (measured: 2000 instead of 1000 MiB at 8192 x 32000)
-    share_exp = logits.dtype == x.dtype or not with_dot
+    with_dot = dot_kind != "none"
+    # 16-bit logits with a weighted dot: XLA:CPU keeps a float32 copy of them for the dot's
+    # sum, and a shared e would be a second one (measured: 2000 instead of 1000 MiB at
+    # 8192 x 32000); a bf16 plain sum is a product that reads the logits themselves
+    share_exp = logits.dtype == x.dtype or not with_dot or (dot_kind == "sum" and logits.dtype == jnp.bfloat16)
     if isinstance(d_logits, SymbolicZero):
-        lse, picked, dot = softmax_statistics(logits, targets, keep, coefficients, with_dot)
+        lse, picked, dot = softmax_statistics(logits, targets, keep, coefficients, dot_kind)
         d_lse = d_picked = d_dot = jnp.zeros_like(lse)
     else:
-        lse, picked, dot = softmax_statistics(logits, targets, keep, coefficients, with_dot)
+        lse, picked, dot = softmax_statistics(logits, targets, keep, coefficients, dot_kind)
         if share_exp:
             # exp once: the statistics and the gradient share e = exp(x - peak), which the
             # gradient's element-wise loop can overwrite in place (no new buffer)

@@ -177,7 +177,8 @@ def _class_id_losses(
     # jnp.where, so NaN / inf there cannot leak into
     # the value or the gradient (a product with a 0 mask would give NaN).
     coefficients = jnp.broadcast_to(class_weight, x.shape)  # explicit: no implicit rank promotion
-    lse, picked, weighted_sum = softmax_statistics(x, safe_targets, counted, coefficients, smoothing)
+    dot_kind = "none" if not smoothing else "sum" if weight is None else "weighted"
+    lse, picked, weighted_sum = softmax_statistics(x, safe_targets, counted, coefficients, dot_kind)
     target_weight = jnp.ones_like(lse) if weight is None else class_weight[safe_targets]
     loss = (lse - picked) * target_weight
     if smoothing:
@@ -213,7 +214,7 @@ def _soft_target_losses(
     coefficients = p if weight is None else p * jnp.broadcast_to(weight.astype(dtype), p.shape)
     no_targets = jnp.zeros(x.shape[:-1], jnp.int32)
     # -sum_c a_c log_softmax_c = lse sum_c a_c - sum_c a_c x_c, with a = w p and 0 * -inf = 0.
-    lse, _, weighted_sum = softmax_statistics(x, no_targets, counted, coefficients, True)
+    lse, _, weighted_sum = softmax_statistics(x, no_targets, counted, coefficients, "weighted")
     loss = lse * jnp.sum(coefficients, axis=-1) - weighted_sum
     if not _is_static_zero(z_loss):
         loss = loss + jnp.asarray(z_loss, dtype) * jnp.square(lse)

@@ -97,7 +97,7 @@ def _torch_reduction(reduction: str) -> str:
     return "sum" if reduction == "sum_count" else reduction
 
 
-@pytest.mark.parametrize(("layout", "dtype", "option", "reduction"), _grid(CLASS_OPTIONS, ["plain", "weight_smoothing_ignore", "where_weight_smoothing"]))
+@pytest.mark.parametrize(("layout", "dtype", "option", "reduction"), _grid(CLASS_OPTIONS, ["plain", "smoothing", "weight_smoothing_ignore", "where_weight_smoothing"]))
 def test_cross_entropy_class_ids_matches_torch(layout, dtype, option, reduction):
     logits, targets, mask, axis, opts = _make_class_case(layout, option)
     ignore_index = opts.get("ignore_index", -100)
@@ -349,19 +349,26 @@ def test_float16_matches_torch_float32_on_the_same_values():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's buffer assignment")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_compiled_gradient_holds_at_most_one_float32_copy(dtype, label_smoothing):
-    """Forward+backward temporaries (compiled, not run): the shared ``e = exp(x - max)`` or
-    the float32 copy of 16-bit logits, never both, and for float32 logits none (``e`` is
-    written into the gradient's output buffer)."""
+@pytest.mark.parametrize("option", ["plain", "smoothing", "weight_smoothing", "probs"])
+def test_compiled_gradient_holds_at_most_one_float32_copy(dtype, option):
+    """Forward+backward temporaries (compiled, not run), in float32 copies of the logits.
+
+    With integer targets and no class weights: for float32 logits none (``e = exp(x - max)``
+    is written into the gradient's output buffer), for bf16 one (``e`` itself). A weighted
+    dot (class weights with smoothing, probability targets) holds one more.
+    """
     n, c = 8192, 4096  # a second float32 copy appears from 4096 rows on
     logits = jax.ShapeDtypeStruct((n, c), dtype)
-    targets = jax.ShapeDtypeStruct((n,), jnp.int32)
+    targets = jax.ShapeDtypeStruct((n, c) if option == "probs" else (n,), jnp.float32 if option == "probs" else jnp.int32)
+    kwargs = {"label_smoothing": 0.1} if "smoothing" in option else {}
+    if option == "weight_smoothing":
+        kwargs["weight"] = jnp.linspace(0.5, 2.0, c, dtype=jnp.float32)
 
     def loss(x, t):
-        return jaxloss.cross_entropy(x, t, label_smoothing=label_smoothing)
+        return jaxloss.cross_entropy(x, t, **kwargs)
 
     temp = jax.jit(jax.value_and_grad(loss)).lower(logits, targets).compile().memory_analysis().temp_size_in_bytes
     float32_copy = 4 * n * c
-    limit = float32_copy if dtype == jnp.bfloat16 else 0
+    copies = (0 if dtype == jnp.float32 else 1) + (1 if option in ("weight_smoothing", "probs") else 0)
+    limit = copies * float32_copy
     assert temp <= limit + float32_copy // 8, (temp, float32_copy)

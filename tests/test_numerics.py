@@ -190,12 +190,25 @@ def test_minus_inf_target_logit_gives_inf_as_in_torch():
     np.testing.assert_allclose(float(ours[1]), float(theirs[1]), rtol=1e-6)
 
 
-def test_minus_inf_with_label_smoothing_is_inf_as_in_torch():
-    logits = np.array([[0.0, -np.inf, 1.0]])
-    targets = np.array([0])
-    ours = jaxloss.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), label_smoothing=0.1)
-    theirs = F.cross_entropy(torch.tensor(logits), torch.tensor(targets), label_smoothing=0.1)
-    assert np.isposinf(float(ours)) and np.isposinf(float(theirs))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_minus_inf_with_label_smoothing_is_inf_as_in_torch(dtype, weighted):
+    logits = np.array([[0.0, -np.inf, 1.0], [0.5, 0.25, -1.0]])
+    targets = np.array([0, 2])
+    weight = np.array([0.5, 1.0, 2.0]) if weighted else None
+    ours = jax.jit(jax.value_and_grad(lambda x: jnp.sum(jaxloss.cross_entropy(
+        x, jnp.asarray(targets), label_smoothing=0.1, reduction="none",
+        weight=None if weight is None else jnp.asarray(weight, jnp.float32)))))
+    value, grad = ours(jnp.asarray(logits, getattr(jnp, dtype)))
+    per_row = jaxloss.cross_entropy(jnp.asarray(logits, getattr(jnp, dtype)), jnp.asarray(targets), label_smoothing=0.1,
+                                    reduction="none", weight=None if weight is None else jnp.asarray(weight, jnp.float32))
+    theirs = F.cross_entropy(torch.tensor(logits), torch.tensor(targets), label_smoothing=0.1, reduction="none",
+                             weight=None if weight is None else torch.tensor(weight))
+    assert np.isposinf(float(per_row[0])) and np.isposinf(float(theirs[0])) and np.isposinf(float(value))
+    np.testing.assert_allclose(float(per_row[1]), float(theirs[1]), rtol=1e-6)
+    # the finite row's gradient stays finite (the kernel's gradient does not pass through the
+    # smoothing term's -inf)
+    assert np.all(np.isfinite(np.asarray(grad, np.float32)[1]))
 
 
 def test_zero_probability_at_minus_inf_logit_contributes_nothing():
