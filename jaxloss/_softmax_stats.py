@@ -38,9 +38,9 @@ logit (``value_and_grad`` 569 -> 373 ms there, with huge pages).
 A ``dot`` over bf16 logits with unit coefficients (label smoothing without class weights) is
 a product with a column of ones, which reads the bf16 logits where a sum would make XLA:CPU
 keep a float32 copy of them (``value_and_grad`` with label smoothing 1274 -> 485 ms at
-4096 x 128256 bf16, and one float32 buffer instead of two). Other 16-bit dots (class weights, probability targets) keep
-that copy, a shared ``e`` would be a second one, and the gradient recomputes
-``exp(x - lse)`` instead.
+4096 x 128256 bf16, and one float32 buffer instead of two). Other 16-bit dots (class
+weights, probability targets) keep that copy, a shared ``e`` would be a second one, and the
+gradient recomputes ``exp(x - lse)`` instead.
 """
 
 from __future__ import annotations
@@ -198,11 +198,10 @@ def _softmax_statistics_jvp(
     # sum, and a shared e would be a second one (measured: 2000 instead of 1000 MiB at
     # 8192 x 32000); a bf16 plain sum is a product that reads the logits themselves
     share_exp = logits.dtype == x.dtype or not with_dot or (dot_kind == "sum" and logits.dtype == jnp.bfloat16)
+    lse, picked, dot = softmax_statistics(logits, targets, keep, coefficients, dot_kind)
     if isinstance(d_logits, SymbolicZero):
-        lse, picked, dot = softmax_statistics(logits, targets, keep, coefficients, dot_kind)
         d_lse = d_picked = d_dot = jnp.zeros_like(lse)
     else:
-        lse, picked, dot = softmax_statistics(logits, targets, keep, coefficients, dot_kind)
         if share_exp:
             # exp once: the statistics and the gradient share e = exp(x - peak), which the
             # gradient's element-wise loop can overwrite in place (no new buffer)
