@@ -26,21 +26,24 @@ softmax or a one-hot matrix. Automatic differentiation of the plain formula inst
 the softmax and a scattered one-hot as separate full-size buffers (five passes instead of
 one on XLA:CPU).
 
-The derivative reuses the forward's ``e = exp(x - max)`` (in the compute dtype: float32 for
-16-bit logits), computed once in an element-wise loop, and the softmax is ``e / sum(e)``:
-``exp`` then runs once per logit on all cores, where inside a reduction XLA:CPU runs it on
-one, and the gradient overwrites ``e`` in place. For 16-bit logits ``e`` is a float32 buffer
-twice their size, the same size as the float32 copy of the logits that XLA:CPU writes for
-``sum(exp(x))`` anyway (measured with ``memory_analysis()``: 2004 MiB of temporaries at
-4096 x 128256 bf16 either way), so sharing it costs no memory and saves one ``exp`` per
-logit (``value_and_grad`` 569 -> 373 ms there, with huge pages).
+The derivative reuses the forward's ``e = exp(x - max)``, computed once in an element-wise
+loop, and the softmax is ``e / sum(e)``: ``exp`` then runs once per logit on all cores, where
+inside a reduction XLA:CPU runs it on one, and the gradient overwrites ``e`` in place. For
+float32 (and float64) logits ``e`` lives in the gradient's own buffer.
 
-A ``dot`` over bf16 logits with unit coefficients (label smoothing without class weights) is
-a product with a column of ones, which reads the bf16 logits where a sum would make XLA:CPU
-keep a float32 copy of them (``value_and_grad`` with label smoothing 1274 -> 485 ms at
-4096 x 128256 bf16, and one float32 buffer instead of two). Other 16-bit dots (class
-weights, probability targets) keep that copy, a shared ``e`` would be a second one, and the
-gradient recomputes ``exp(x - lse)`` instead.
+For 16-bit logits ``e`` is a float32 buffer twice their size, so only CPU shares it
+(``jax.lax.platform_dependent``): XLA:CPU writes a float32 copy of 16-bit logits for
+``sum(exp(x))`` anyway (``memory_analysis()``: 2004 MiB of temporaries at 4096 x 128256 bf16
+either way), so there sharing costs no memory and saves one ``exp`` per logit
+(``value_and_grad`` 569 -> 373 ms, with huge pages). Other platforms fuse the conversion
+into their reductions and recompute ``exp(x - lse)`` in the gradient pass instead.
+
+On CPU a ``dot`` over bf16 logits with unit coefficients (label smoothing without class
+weights) is a product with a column of ones, which reads the bf16 logits where a sum would
+make XLA:CPU keep a float32 copy of them (``value_and_grad`` with label smoothing 1274 ->
+485 ms at 4096 x 128256 bf16, and one float32 buffer instead of two). Other 16-bit dots
+(class weights, probability targets) keep that copy, a shared ``e`` would be a second one,
+and the gradient recomputes ``exp(x - lse)`` instead.
 """
 
 from __future__ import annotations
@@ -134,17 +137,25 @@ def _safe_product(a: Array, x: Array) -> Array:
     return jnp.where(a == 0, jnp.zeros((), x.dtype), a * x)
 
 
+def _plain_sum(logits: Array) -> Array:
+    return jnp.sum(_f32(logits), axis=-1)
+
+
+def _sum_by_product(logits: Array) -> Array:
+    ones = jnp.ones((logits.shape[-1], 1), logits.dtype)
+    column = jax.lax.dot_general(logits, ones, (((logits.ndim - 1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    return column[..., 0]
+
+
 def _dot(logits: Array, coefficients: Array, dot_kind: DotKind) -> Array:
     """``sum_c a_c x_c`` per row, with ``0 * x = 0``; ``sum_c x_c`` when ``dot_kind == "sum"``."""
     if dot_kind == "sum" and logits.dtype == jnp.bfloat16:
-        # a product with a column of ones, exact (f32 accumulation) and reading the bf16
-        # logits in place, where XLA:CPU's sum would keep a float32 copy of them
-        ones = jnp.ones((logits.shape[-1], 1), logits.dtype)
-        column = jax.lax.dot_general(logits, ones, (((logits.ndim - 1,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-        return column[..., 0]
+        # on CPU a product with a column of ones, exact (f32 accumulation) and reading the
+        # bf16 logits in place, where XLA:CPU's sum would keep a float32 copy of them
+        return jax.lax.platform_dependent(logits, cpu=_sum_by_product, default=_plain_sum)
     if dot_kind == "sum":
-        return jnp.sum(_f32(logits), axis=-1)
+        return _plain_sum(logits)
     return jnp.sum(_safe_product(jnp.broadcast_to(_f32(coefficients), logits.shape), _f32(logits)), axis=-1)
 
 
@@ -184,6 +195,20 @@ def softmax_statistics(
     return lse, picked, dot
 
 
+def _shared_softmax(logits: Array, lse: Array) -> tuple[Array, Array]:
+    """``(lse, softmax)`` from a shared ``e = exp(x - peak)``: ``exp`` once per logit, and the
+    gradient's element-wise loop can overwrite ``e`` in place (``lse`` is recomputed from
+    ``e``'s sum, the same value)."""
+    del lse
+    peak, e, total = _shifted_exp(logits)
+    return jnp.log(total) + peak, e * jnp.where(total > 0, 1 / total, jnp.zeros((), total.dtype))[..., None]
+
+
+def _recomputed_softmax(logits: Array, lse: Array) -> tuple[Array, Array]:
+    """``(lse, exp(x - lse))``: XLA fuses the ``exp`` into the gradient's pass."""
+    return lse, jnp.exp(_f32(logits) - lse[..., None])
+
+
 def _softmax_statistics_jvp(
     dot_kind: DotKind,
     primals: tuple[Array, Array, Array, Array],
@@ -194,22 +219,20 @@ def _softmax_statistics_jvp(
     x = _f32(logits)
     zero = jnp.zeros((), x.dtype)
     with_dot = dot_kind != "none"
-    # 16-bit logits with a weighted dot: XLA:CPU keeps a float32 copy of them for the dot's
-    # sum, and a shared e would be a second one (measured: 2000 instead of 1000 MiB at
-    # 8192 x 32000); a bf16 plain sum is a product that reads the logits themselves
-    share_exp = logits.dtype == x.dtype or not with_dot or (dot_kind == "sum" and logits.dtype == jnp.bfloat16)
     lse, picked, dot = softmax_statistics(logits, targets, keep, coefficients, dot_kind)
     if isinstance(d_logits, SymbolicZero):
         d_lse = d_picked = d_dot = jnp.zeros_like(lse)
     else:
-        if share_exp:
-            # exp once: the statistics and the gradient share e = exp(x - peak), which the
-            # gradient's element-wise loop can overwrite in place (no new buffer)
-            peak, e, total = _shifted_exp(logits)
-            lse = jnp.log(total) + peak
-            softmax = e * jnp.where(total > 0, 1 / total, jnp.zeros((), total.dtype))[..., None]
+        if logits.dtype == x.dtype:
+            lse, softmax = _shared_softmax(logits, lse)
+        elif not with_dot or (dot_kind == "sum" and logits.dtype == jnp.bfloat16):
+            # 16-bit logits: XLA:CPU keeps a float32 copy of them for sum(exp(x)) anyway, so
+            # a float32 e costs nothing there; elsewhere it would be a new buffer. With a
+            # weighted dot the copy is the dot's, and e would be a second one (measured:
+            # 2000 instead of 1000 MiB at 8192 x 32000 bf16).
+            lse, softmax = jax.lax.platform_dependent(logits, lse, cpu=_shared_softmax, default=_recomputed_softmax)
         else:
-            softmax = jnp.exp(x - lse[..., None])
+            lse, softmax = _recomputed_softmax(logits, lse)
         dx = _kept(d_logits, keep)
         d_lse = jnp.sum(softmax * dx, axis=-1)
         d_picked = jnp.sum(jnp.where(_class_mask(x, targets), dx, zero), axis=-1)
