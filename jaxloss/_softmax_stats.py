@@ -41,9 +41,11 @@ into their reductions and recompute ``exp(x - lse)`` in the gradient pass instea
 On CPU a ``dot`` over bf16 logits with unit coefficients (label smoothing without class
 weights) is a product with a column of ones, which reads the bf16 logits where a sum would
 make XLA:CPU keep a float32 copy of them (``value_and_grad`` with label smoothing 1274 ->
-485 ms at 4096 x 128256 bf16, and one float32 buffer instead of two). Other 16-bit dots
-(class weights, probability targets) keep that copy, a shared ``e`` would be a second one,
-and the gradient recomputes ``exp(x - lse)`` instead.
+485 ms at 4096 x 128256 bf16, and one float32 buffer instead of two). Probability targets
+keep two float32 arrays with or without a shared ``e``, so CPU shares it there too (497 ->
+324 ms at 8192 x 32000 bf16). With class weights plus label smoothing the weighted sum keeps
+its own float32 copy beside the broadcast weights, ``e`` would be a third, and the gradient
+recomputes ``exp(x - lse)`` instead (see :func:`_cpu_can_share_exp`).
 """
 
 from __future__ import annotations
@@ -195,6 +197,23 @@ def softmax_statistics(
     return lse, picked, dot
 
 
+def _cpu_can_share_exp(logits: Array, coefficients: Array, dot_kind: DotKind) -> bool:
+    """Whether XLA:CPU can share a float32 ``e`` for 16-bit ``logits`` at no memory cost.
+
+    XLA:CPU keeps a float32 copy of 16-bit logits for ``sum(exp(x))`` anyway, and ``e``
+    takes its place; other platforms would need a new buffer. So does a bf16 plain sum
+    (computed as a product). Per-element coefficients (probability targets) keep two float32
+    arrays either way (measured with ``memory_analysis()``, 8192 x 4096 bf16). A weighted sum
+    with class weights keeps its own copy beside the broadcast weights, and ``e`` would be a
+    third.
+    """
+    if dot_kind == "none":
+        return True
+    if dot_kind == "sum":
+        return logits.dtype == jnp.bfloat16
+    return coefficients.ndim == logits.ndim
+
+
 def _shared_softmax(logits: Array, lse: Array) -> tuple[Array, Array]:
     """``(lse, softmax)`` from a shared ``e = exp(x - peak)``: ``exp`` once per logit, and the
     gradient's element-wise loop can overwrite ``e`` in place (``lse`` is recomputed from
@@ -225,11 +244,7 @@ def _softmax_statistics_jvp(
     else:
         if logits.dtype == x.dtype:
             lse, softmax = _shared_softmax(logits, lse)
-        elif not with_dot or (dot_kind == "sum" and logits.dtype == jnp.bfloat16):
-            # 16-bit logits: XLA:CPU keeps a float32 copy of them for sum(exp(x)) anyway, so
-            # a float32 e costs nothing there; elsewhere it would be a new buffer. With a
-            # weighted dot the copy is the dot's, and e would be a second one (measured:
-            # 2000 instead of 1000 MiB at 8192 x 32000 bf16).
+        elif _cpu_can_share_exp(logits, coefficients, dot_kind):
             lse, softmax = jax.lax.platform_dependent(logits, lse, cpu=_shared_softmax, default=_recomputed_softmax)
         else:
             lse, softmax = _recomputed_softmax(logits, lse)

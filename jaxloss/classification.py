@@ -176,9 +176,8 @@ def _class_id_losses(
     # Skipped rows get a zero gradient inside the kernel and are masked out of the loss with
     # jnp.where, so NaN / inf there cannot leak into
     # the value or the gradient (a product with a 0 mask would give NaN).
-    coefficients = jnp.broadcast_to(class_weight, x.shape)  # explicit: no implicit rank promotion
     dot_kind = "none" if not smoothing else "sum" if weight is None else "weighted"
-    lse, picked, weighted_sum = softmax_statistics(x, safe_targets, counted, coefficients, dot_kind)
+    lse, picked, weighted_sum = softmax_statistics(x, safe_targets, counted, class_weight, dot_kind)
     target_weight = jnp.ones_like(lse) if weight is None else class_weight[safe_targets]
     loss = (lse - picked) * target_weight
     if smoothing:

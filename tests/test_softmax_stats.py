@@ -1,8 +1,9 @@
 """The per-platform choices inside the cross-entropy kernel (``jaxloss/_softmax_stats.py``).
 
 For bf16 logits, CPU shares a float32 ``e = exp(x - max)`` between the statistics and the
-gradient, and sums the logits for label smoothing as a product with a column of ones; other
-platforms recompute ``exp`` in the gradient pass and use a plain sum. Only the CPU branch
+gradient (except with class weights plus label smoothing), and sums the logits for label
+smoothing as a product with a column of ones; other platforms recompute ``exp`` in the
+gradient pass and use a plain sum. Only the CPU branch
 runs here, so both branches are compared directly, and the lowering for each platform is
 checked for the branch it takes.
 """
@@ -55,11 +56,20 @@ def test_sum_by_product_equals_plain_sum_with_infinities_and_nan():
 
 
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
-def test_each_platform_lowers_its_branch(platform):
-    """CPU: one ``exp`` per logit and the ones-column product; elsewhere two and a plain sum."""
-    loss = jax.jit(jax.value_and_grad(lambda x, t: jaxloss.cross_entropy(x, t, label_smoothing=0.1)))
+@pytest.mark.parametrize("targets", ["class_ids", "probabilities"])
+def test_each_platform_lowers_its_branch(platform, targets):
+    """CPU: one ``exp`` per logit (and for label smoothing the ones-column product);
+    elsewhere two ``exp`` and a plain sum."""
+    shape = (64, 1000)
+    if targets == "class_ids":
+        target_type = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+        kwargs = {"label_smoothing": 0.1}
+    else:
+        target_type = jax.ShapeDtypeStruct(shape, jnp.float32)
+        kwargs = {}
+    loss = jax.jit(jax.value_and_grad(lambda x, t: jaxloss.cross_entropy(x, t, **kwargs)))
     module = export.export(loss, platforms=[platform])(
-        jax.ShapeDtypeStruct((64, 1000), jnp.bfloat16), jax.ShapeDtypeStruct((64,), jnp.int32)).mlir_module()
+        jax.ShapeDtypeStruct(shape, jnp.bfloat16), target_type).mlir_module()
     on_cpu = platform == "cpu"
     assert module.count("stablehlo.exponential") == (1 if on_cpu else 2)
-    assert ("stablehlo.dot_general" in module) == on_cpu
+    assert ("stablehlo.dot_general" in module) == (on_cpu and targets == "class_ids")
