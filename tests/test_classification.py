@@ -353,9 +353,9 @@ def test_float16_matches_torch_float32_on_the_same_values():
 def test_compiled_gradient_holds_at_most_one_float32_copy(dtype, option):
     """Forward+backward temporaries (compiled, not run), in float32 copies of the logits.
 
-    With integer targets and no class weights: for float32 logits none (``e = exp(x - max)``
-    is written into the gradient's output buffer), for bf16 one (``e`` itself). A weighted
-    dot (class weights with smoothing, probability targets) holds one more.
+    With integer targets: for float32 logits none (``e = exp(x - max)`` is written into the
+    gradient's output buffer), for bf16 one (``e`` itself). Probability targets hold one
+    more.
     """
     n, c = 8192, 4096  # a second float32 copy appears from 4096 rows on
     logits = jax.ShapeDtypeStruct((n, c), dtype)
@@ -369,6 +369,6 @@ def test_compiled_gradient_holds_at_most_one_float32_copy(dtype, option):
 
     temp = jax.jit(jax.value_and_grad(loss)).lower(logits, targets).compile().memory_analysis().temp_size_in_bytes
     float32_copy = 4 * n * c
-    copies = (0 if dtype == jnp.float32 else 1) + (1 if option in ("weight_smoothing", "probs") else 0)
+    copies = (0 if dtype == jnp.float32 else 1) + (1 if option == "probs" else 0)
     limit = copies * float32_copy
     assert temp <= limit + float32_copy // 8, (temp, float32_copy)

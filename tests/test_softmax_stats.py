@@ -1,8 +1,8 @@
 """The per-platform choices inside the cross-entropy kernel (``jaxloss/_softmax_stats.py``).
 
 For bf16 logits, CPU shares a float32 ``e = exp(x - max)`` between the statistics and the
-gradient (except with class weights plus label smoothing), and sums the logits for label
-smoothing as a product with a column of ones; other platforms recompute ``exp`` in the
+gradient, and sums the logits for label smoothing as a product with a column of ones (or of
+the class weights); other platforms recompute ``exp`` in the
 gradient pass and use a plain sum. Only the CPU branch
 runs here, so both branches are compared directly, and the lowering for each platform is
 checked for the branch it takes.
@@ -53,6 +53,24 @@ def test_sum_by_product_equals_plain_sum_with_infinities_and_nan():
     finite = np.isfinite(plain)
     assert finite.sum() == 2
     np.testing.assert_allclose(by_product[finite], np.asarray(x, np.float64)[finite].sum(-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_weighted_sum_by_product_equals_safe_weighted_sum(dtype):
+    """Class weights of 0 drop their classes even at -inf, inf or NaN (``0 * x = 0``); other
+    weights multiply infinities as usual."""
+    x = _bf16_logits_with_infinities().astype(dtype)
+    weights = np.linspace(0.5, 2.0, x.shape[-1]).astype(np.float32)
+    weights[[5, 6, 9]] = 0.0  # row 1's first masked classes, row 4's NaN
+    a = jnp.asarray(weights)
+    by_product = np.asarray(stats._weighted_sum_by_product(x, a))
+    reference = np.asarray(stats._weighted_sum(x, a))
+    np.testing.assert_array_equal(np.isnan(by_product), np.isnan(reference))
+    np.testing.assert_array_equal(np.isinf(by_product), np.isinf(reference))
+    finite = np.isfinite(reference)
+    assert finite[4]  # the NaN sits at a class of weight 0
+    x64 = np.where(weights == 0, 0.0, np.asarray(x, np.float64))
+    np.testing.assert_allclose(by_product[finite], (x64 * weights)[finite].sum(-1), rtol=1e-5)
 
 
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
