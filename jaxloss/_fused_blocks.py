@@ -333,9 +333,8 @@ def add_weight_columns(buffer: Array, layout: str, start: Array, h: Array, h_t: 
     ``buffer`` is ``(D, V)`` (``"dv"``; ``h_t`` is ``h`` transposed) or ``(V, D)`` (``"vd"``,
     where the slice is ``dz^T h``); each product has its left operand's contracting axis last.
     """
-    if layout == DV:
-        return add_columns(buffer, start, dot(h_t, dz, 0))
-    return add_rows(buffer, start, dot(transposed(dz), h, 0))
+    product = weight_grad(layout, h, h_t, dz)
+    return add_columns(buffer, start, product) if layout == DV else add_rows(buffer, start, product)
 
 
 def weight_grad(layout: str, h: Array, h_t: Array | None, dz: Array) -> Array:

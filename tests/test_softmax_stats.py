@@ -2,10 +2,9 @@
 
 For bf16 logits, CPU shares a float32 ``e = exp(x - max)`` between the statistics and the
 gradient, and sums the logits for label smoothing as a product with a column of ones (or of
-the class weights); other platforms recompute ``exp`` in the
-gradient pass and use a plain sum. Only the CPU branch
-runs here, so both branches are compared directly, and the lowering for each platform is
-checked for the branch it takes.
+the class weights); other platforms recompute ``exp`` in the gradient pass and use a plain
+sum. Only the CPU branch runs here, so both branches are compared directly, and the lowering
+for each platform is checked for the branch it takes.
 """
 
 from __future__ import annotations
