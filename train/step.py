@@ -65,17 +65,38 @@ def _all_finite(tree: Any) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def _scale_updates(updates: tuple[Any, Any], learning_rate: Array, new_parameters: Any) -> tuple[Any, Any]:
+    """``(param_updates, log_var_updates)`` times their learning rates."""
+    scale = lambda rate: lambda u: (rate * u).astype(u.dtype)  # noqa: E731
+    if new_parameters is None:
+        return jax.tree.map(scale(learning_rate), updates)
+    param_updates, log_var_updates = updates
+    pretrained, new = learning_rate[0], learning_rate[1]
+    param_updates = jax.tree.map(lambda u, is_new: scale(new if is_new else pretrained)(u), param_updates, new_parameters)
+    return param_updates, jax.tree.map(scale(pretrained), log_var_updates)
+
+
+def _rate_metrics(learning_rate: Array, new_parameters: Any) -> dict[str, Array]:
+    if new_parameters is None:
+        return {"train/learning_rate": learning_rate}
+    return {"train/learning_rate": learning_rate[0], "train/head_learning_rate": learning_rate[1]}
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tasks: Sequence[Task],
     composite: jaxloss.CompositeLoss,
     optimizer: optax.GradientTransformation,
     grad_accum: int,
+    new_parameters: Any = None,
 ) -> Callable[..., tuple[Any, Any, Any, dict[str, Array]]]:
     """A pure function ``(params, log_vars, opt_state, rest, step, learning_rate, batches, key) -> (params, log_vars, opt_state, metrics)``.
 
     The optimizer's updates are multiplied by ``learning_rate`` (a float32 scalar chosen by
-    the caller each step; 1.0 leaves the optimizer's own step size).
+    the caller each step; 1.0 leaves the optimizer's own step size). With
+    ``new_parameters``, a tree of booleans shaped like ``params`` (True for the parameters a
+    checkpoint did not provide: new heads), ``learning_rate`` is a pair ``[pre-trained, new]``
+    and each parameter's update takes its group's rate; loss-balancing weights take the first.
 
     ``batches`` maps each task name to its global batch (arrays with a leading batch axis,
     split into ``grad_accum`` micro-batches here); ``rest`` is the model's non-parameter
@@ -94,7 +115,7 @@ def make_train_step(
         def micro_loss(p, micro, micro_key):
             model = nnx.merge(graphdef, p, rest, copy=True)
             nnx.reseed(model, dropout=micro_key)
-            sums = {t.name: t.loss(forward(model, t, micro[t.name], fused=t.fused), micro[t.name]).total for t in tasks}
+            sums = {t.name: t.loss(forward(model, t, micro[t.name], fused=t.loss_from_hidden), micro[t.name]).total for t in tasks}
             return sum(scale[n] * s for n, s in sums.items()), sums
 
         grads = jax.tree.map(jnp.zeros_like, params)
@@ -115,13 +136,13 @@ def make_train_step(
         finite = jnp.isfinite(total) & _all_finite(all_grads)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 step count with floats
             updates, new_opt_state = optimizer.update(all_grads, opt_state, (params, log_vars))
-            updates = jax.tree.map(lambda u: (learning_rate * u).astype(u.dtype), updates)
+            updates = _scale_updates(updates, learning_rate, new_parameters)
             new_params, new_log_vars = optax.apply_updates((params, log_vars), updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         metrics = {
             "train/loss": total,
             "train/grad_norm": optax.tree.norm(grads),
-            "train/learning_rate": learning_rate,
+            **_rate_metrics(learning_rate, new_parameters),
             "train/finite": finite,
             **{f"train/{n}": out.unweighted[n] for n in sums},
             **{f"train/{n}_weighted": out.weighted[n] for n in sums},

@@ -65,6 +65,52 @@ def shard_batch(batch: Mapping[str, np.ndarray], process_index: int,
     return out
 
 
+def choose_buckets(lengths: Sequence[int], count: int, *, multiple: int = 8, max_length: int | None = None) -> list[int]:
+    """At most ``count`` padded lengths (multiples of ``multiple``, the last one covering the
+    longest of ``lengths``, none above ``max_length``) that minimize the padded tokens
+    ``sum_i min{b >= n_i}``: each bucket is one compiled shape, so ``count`` bounds compilation.
+
+    Exact dynamic programming over the candidate lengths.
+
+    Example:
+      >>> choose_buckets([5, 6, 7, 30, 31, 60], 2)
+      [8, 64]
+      >>> choose_buckets([5, 6, 7, 30, 31, 60], 3)
+      [8, 32, 64]
+    """
+    if count < 1:
+        raise ValueError(f"count={count} must be at least 1")
+    if not len(lengths):
+        raise ValueError("lengths is empty")
+    top = max(lengths)
+    last = max(multiple, math.ceil(top / multiple) * multiple)
+    if max_length is not None:
+        last = min(last, max_length)
+    candidates = sorted({min(last, max(multiple, math.ceil(n / multiple) * multiple)) for n in lengths})
+    histogram = np.bincount(np.searchsorted(candidates, np.minimum([max(multiple, math.ceil(n / multiple) * multiple)
+                                                                      for n in lengths], last)),
+                            minlength=len(candidates))
+    # cost[j][k]: least padded tokens of the features in candidates[:j+1] with k buckets, the last at j
+    C, K = len(candidates), min(count, len(candidates))
+    inf = float("inf")
+    cost = np.full((C, K + 1), inf)
+    back = np.zeros((C, K + 1), dtype=np.int64)
+    prefix = np.concatenate([[0], np.cumsum(histogram)])
+    for j in range(C):
+        cost[j, 1] = prefix[j + 1] * candidates[j]
+        for k in range(2, K + 1):
+            for i in range(j):
+                c = cost[i, k - 1] + (prefix[j + 1] - prefix[i + 1]) * candidates[j]
+                if c < cost[j, k]:
+                    cost[j, k], back[j, k] = c, i
+    k = int(np.argmin(cost[C - 1, 1:])) + 1
+    buckets, j = [], C - 1
+    while k >= 1:
+        buckets.append(candidates[j])
+        j, k = int(back[j, k]), k - 1
+    return sorted(buckets)
+
+
 class Batcher:
     """Length-bucketed, seeded, resumable batches of padded numpy arrays.
 
@@ -77,6 +123,9 @@ class Batcher:
         ``(seed, epoch)``; without it, batches come bucket by bucket in input order.
       pad_to_multiple: padded lengths are multiples of this (fewer distinct shapes).
       max_length: no padded length exceeds it; a longer feature is an error.
+      max_buckets: at most this many padded lengths (multiples of ``pad_to_multiple`` chosen
+        by :func:`choose_buckets` to pad least); each feature goes to the shortest that holds
+        it. Default: every multiple of ``pad_to_multiple`` that some feature needs.
       drop_remainder: drop each bucket's last partial batch (its examples change with
         the shuffle each epoch; ``dropped_per_epoch`` counts them), instead of filling
         it with rows whose ``example_mask`` is False.
@@ -108,6 +157,7 @@ class Batcher:
         pad_values: Mapping[str, int | float] | None = None,
         process_index: int = 0,
         process_count: int = 1,
+        max_buckets: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -130,14 +180,19 @@ class Batcher:
         self._fields = self._check_fields(features)
         self._pad = {**sequence_pad_values(pad_id), **(pad_values or {})}
 
+        has_sequences = any(s for s, _ in self._fields.values())
+        lengths = [max(len(f[k]) for k, (is_seq, _) in self._fields.items() if is_seq) if has_sequences else 0
+                   for f in features]
+        buckets = (choose_buckets(lengths, max_buckets, multiple=pad_to_multiple, max_length=max_length)
+                   if max_buckets and has_sequences else None)
         padded = np.empty(len(features), dtype=np.int64)
-        for i, f in enumerate(features):
-            n = max(len(f[k]) for k, (is_seq, _) in self._fields.items() if is_seq) \
-                if any(s for s, _ in self._fields.values()) else 0
+        for i, n in enumerate(lengths):
+            if max_length is not None and n > max_length:
+                raise ValueError(f"feature {i} has length {n} > max_length={max_length}")
             p = max(1, math.ceil(n / pad_to_multiple)) * pad_to_multiple
+            if buckets is not None:
+                p = min(b for b in buckets if b >= n)
             if max_length is not None:
-                if n > max_length:
-                    raise ValueError(f"feature {i} has length {n} > max_length={max_length}")
                 p = min(p, max_length)
             padded[i] = p
         self._padded = padded
@@ -266,6 +321,11 @@ class Batcher:
             raise ValueError(f"invalid position epoch={epoch}, index={index} "
                              f"({self.batches_per_epoch} batches per epoch)")
         self.epoch, self.index = epoch, index
+
+    def shape_examples(self) -> list[dict[str, np.ndarray]]:
+        """One batch of each bucket (each shape a step must be compiled for), without moving
+        the position."""
+        return [self.make_batch(self._buckets[p][:self.batch_size]) for p in sorted(self._buckets)]
 
     @property
     def shapes(self) -> list[int]:

@@ -31,7 +31,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -280,7 +280,7 @@ def state_dict(model: nnx.Module, state: Any = None) -> dict[str, np.ndarray]:
 
 def load_pretrained(path: str | os.PathLike, architecture: str | None = None, *, dtype: str = "float32",
                     param_dtype: str = "float32", remat: bool = False, seed: int = 0, strict: bool | None = None,
-                    **overrides: Any) -> nnx.Module:
+                    with_report: bool = False, **overrides: Any) -> Any:
     """The model a Hugging Face checkpoint folder names, with its weights, in eval mode.
 
     Args:
@@ -291,6 +291,8 @@ def load_pretrained(path: str | os.PathLike, architecture: str | None = None, *,
         with ``seed``, tensors the model has no place for are ignored.
       strict: require an exact fit of tensors; default True unless ``architecture`` differs
         from the checkpoint's.
+      with_report: also return the :class:`LoadReport` (which tensors were loaded, which
+        parameters keep their initial values): ``(model, report)``.
       overrides: config fields to change (e.g. ``num_labels=9``).
 
     Raises:
@@ -303,9 +305,15 @@ def load_pretrained(path: str | os.PathLike, architecture: str | None = None, *,
         strict = arch == architecture_of(cfg)
     model = from_config(cfg, arch, dtype=dtype, param_dtype=param_dtype, remat=remat, seed=seed, **overrides)
     tensors = _align_prefix(read_tensors(path), {m.name for m in _maps(model)}, _BASE_PREFIX[cfg.get("model_type", "")])
-    load_weights(model, tensors, strict=strict, source=str(path))
+    report = load_weights(model, tensors, strict=strict, source=str(path))
     model.eval()
-    return model
+    return (model, report) if with_report else model
+
+
+def parameter_paths(model: nnx.Module, names: Sequence[str]) -> set[tuple[str | int, ...]]:
+    """The model's parameter paths (as in ``nnx.to_flat_state``) behind the Hugging Face tensor ``names``."""
+    wanted = set(names)
+    return {path for m in _maps(model) if m.name in wanted for path in m.paths}
 
 
 _BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer.", "llama": "model.", "bart": "model.", "marian": "model."}
@@ -340,14 +348,15 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> None:
 
 
 def load_multitask(path: str | os.PathLike, heads: Mapping[str, tuple[str, int]], *, dtype: str = "float32",
-                   param_dtype: str = "float32", remat: bool = False, seed: int = 0) -> bert.BertMultiTask:
+                   param_dtype: str = "float32", remat: bool = False, seed: int = 0, with_report: bool = False) -> Any:
     """A :class:`~train.models.bert.BertMultiTask` whose trunk (and masked-LM head, when the
-    checkpoint has one) comes from a BERT checkpoint; other heads are initialised with ``seed``."""
+    checkpoint has one) comes from a BERT checkpoint; other heads are initialised with ``seed``
+    (``with_report``: ``(model, LoadReport)``)."""
     cfg = _config_dict(path)
     if cfg.get("model_type") != "bert":
         raise ValueError(f"multi-task models need a BERT checkpoint, {path} has model_type {cfg.get('model_type')!r}")
     model = bert.BertMultiTask(cfg, heads, Runtime(dtype, param_dtype, remat), rngs=nnx.Rngs(seed))
     tensors = _align_prefix(read_tensors(path), {m.name for m in _maps(model)}, "bert.")
-    load_weights(model, tensors, strict=False, source=str(path))
+    report = load_weights(model, tensors, strict=False, source=str(path))
     model.eval()
-    return model
+    return (model, report) if with_report else model

@@ -92,6 +92,12 @@ class Task(abc.ABC):
         return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
     # -- loss ---------------------------------------------------------------------------------
+    @property
+    def loss_from_hidden(self) -> bool:
+        """Whether :meth:`loss` takes the language-model head's features and output embedding
+        (``forward(..., fused=True)``) instead of logits: with the fused loss by default."""
+        return self.fused
+
     @abc.abstractmethod
     def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
         """The task's loss on one batch as ``(sum, count)``."""
