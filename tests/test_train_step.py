@@ -159,20 +159,3 @@ def test_learning_rate_at_equals_optax_schedules(kind):
     for step in range(horizon + 3):
         np.testing.assert_allclose(learning_rate_at(step, horizon, peak, warmup, kind), float(reference(step)),
                                    rtol=1e-5, atol=1e-9)
-
-
-def test_budget_horizon_follows_the_pace(monkeypatch):
-    import time
-
-    from train.config import TrainConfig
-    from train.loop import Budget
-
-    clock = [1000.0]
-    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
-    budget = Budget(TrainConfig(max_minutes=2.0, epochs=100), steps_per_epoch=50)
-    assert budget.total_steps == 5000 and budget.horizon(10, None) == 5000
-    clock[0] += 20.0  # 100 s left
-    assert budget.horizon(10, 0.5) == 10 + 200
-    assert budget.horizon(10, 0.001) == 5000  # never past the step or epoch budget
-    unbounded = Budget(TrainConfig(max_steps=40), steps_per_epoch=50)
-    assert unbounded.horizon(3, 0.5) == 40

@@ -282,6 +282,24 @@ class CheckpointManager:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def best(self) -> tuple[int | None, float | None]:
+        """The complete step with the best ``best_metric`` and its value (``(None, None)`` when
+        no checkpoint has the metric)."""
+        if self.best_metric is None:
+            return None, None
+        scored = []
+        for step in self.steps():
+            try:
+                metrics = self._manager.metrics(step)
+            except Exception:  # noqa: BLE001 - a step without readable metrics is not a candidate
+                continue
+            if metrics and self.best_metric in metrics:
+                scored.append((float(metrics[self.best_metric]), step))
+        if not scored:
+            return None, None
+        value, step = (max if self.best_mode == "max" else min)(scored, key=lambda vs: (vs[0], -vs[1]))
+        return step, value
+
     def should_save(self, step: int) -> bool:
         """``True`` at multiples of ``save_every``."""
         return self.save_every > 0 and step % self.save_every == 0

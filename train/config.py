@@ -15,6 +15,8 @@ from typing import Any, Optional
 import yaml
 
 TASKS = ("classify", "ner", "regress", "lm", "mlm", "seq2seq", "multitask")
+FINE_TUNING_LEARNING_RATE = 5e-5  # the default peak learning rate with --model (BERT's fine-tuning range)
+SCRATCH_LEARNING_RATE = 1e-3  # the default peak learning rate of a model trained from scratch
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -38,6 +40,9 @@ class TaskSpec:
     text_pair_column: Optional[str] = _field(None, "column holding the second text of a pair")
     label_column: str = _field("label", "column holding the label or score")
     pair_encoding: str = _field("cross", "regress: a text pair in one sequence (cross) or each text on its own (siamese)")
+    batch_size: Optional[int] = _field(None, "examples of this task per optimizer step (default: the run's batch_size)")
+    max_length: Optional[int] = _field(None, "maximum tokens per example of this task (default: the run's max_length)")
+    buckets: Optional[int] = _field(None, "padded lengths of this task's training batches (default: the run's buckets)")
     weight: float = _field(1.0, "weight of this task's term in the composite loss")
     weight_warmup_steps: int = _field(0, "ramp the weight linearly from 0 over this many steps")
 
@@ -61,11 +66,12 @@ class TrainConfig:
     tasks: list = _field([], "multitask only: a list of task entries (YAML), each with name, task, files, columns, weight")
     balancing: str = _field("static", "multitask loss weights: static | uncertainty (learned, Kendall et al. 2018)", choices=("static", "uncertainty"))
     # model and tokenizer
-    model: Optional[str] = _field(None, "a local Hugging Face model folder to fine-tune (default: train from scratch)")
+    model: Optional[str] = _field(None, "a checkpoint to fine-tune: a local Hugging Face folder, a packaged checkpoint by name (minilm) or a Hub id (org/name) (default: train from scratch)")
     model_size: str = _field("tiny", "size of a model trained from scratch: micro | tiny | mini | small | base")
-    tokenizer: Optional[str] = _field(None, "a local Hugging Face tokenizer folder (default: the model's, or trained on --train-file)")
+    tokenizer: Optional[str] = _field(None, "a tokenizer: a local Hugging Face folder, a packaged checkpoint's name or a Hub id (default: the model's, or trained on --train-file)")
     vocab_size: int = _field(8000, "vocabulary size of a tokenizer trained on the training data")
     max_length: int = _field(128, "maximum tokens per example (longer ones are truncated and counted)")
+    buckets: Optional[int] = _field(None, "training batch shapes per task, each compiled once, lengths chosen to pad least (default: 4 for one task; 1 per task in a multitask run, whose step compiles once per combination)")
     label_all_subwords: bool = _field(False, "ner: label every subword of a word, not only the first")
     num_beams: int = _field(1, "seq2seq: beams of the decoding in evaluation and predict (1: greedy)")
     max_new_tokens: Optional[int] = _field(None, "seq2seq: longest generated output (default: --max-length)")
@@ -76,7 +82,9 @@ class TrainConfig:
     max_minutes: Optional[float] = _field(None, "wall-clock budget: stop, evaluate and save when it runs out")
     batch_size: int = _field(32, "examples per optimizer step (split into --grad-accum micro-batches)")
     grad_accum: int = _field(1, "micro-batches per optimizer step, normalized exactly over all their tokens")
-    learning_rate: float = _field(1e-3, "peak learning rate of AdamW")
+    learning_rate: Optional[float] = _field(None, "peak learning rate of AdamW (default: 5e-5 when fine-tuning a --model, 1e-3 from scratch)")
+    head_learning_rate: Optional[float] = _field(None, "with --model: peak learning rate of the parameters the checkpoint does not provide (its new heads) (default: --learning-rate)")
+    frozen_steps: int = _field(0, "with --model: train only the new heads for this many steps, then the whole model (its pre-trained weights warm up from there)")
     schedule: str = _field("linear", "decay after warmup: linear | cosine | constant", choices=("linear", "cosine", "constant"))
     warmup_steps: Optional[int] = _field(None, "warmup steps (default: 6%% of the run)")
     weight_decay: float = _field(0.01, "AdamW weight decay (not applied to biases, norms)")
@@ -94,6 +102,7 @@ class TrainConfig:
     early_stopping: Optional[int] = _field(None, "stop after this many evaluations without improvement")
     max_eval_examples: Optional[int] = _field(None, "evaluate on at most this many examples")
     progress: bool = _field(True, "show a progress bar")
+    compile_cache: str = _field("auto", "JAX's persistent compilation cache: auto (a folder under the cache root, ~/.cache/jaxloss/jax), off, or a folder")
     # scale-out
     mesh: str = _field("data=-1", "device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; -1 fills)")
     coordinator_address: Optional[str] = _field(None, "multi-host: host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
@@ -106,6 +115,14 @@ class TrainConfig:
         self.tasks = [t if isinstance(t, TaskSpec) else task_spec_from_dict(t) for t in self.tasks]
         if self.num_beams < 1:
             raise ValueError(f"num_beams={self.num_beams} must be at least 1")
+        if self.learning_rate is None:
+            self.learning_rate = FINE_TUNING_LEARNING_RATE if self.model else SCRATCH_LEARNING_RATE
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be positive (--learning-rate)")
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise ValueError(f"head_learning_rate={self.head_learning_rate} must be positive (--head-learning-rate)")
+        if self.frozen_steps < 0:
+            raise ValueError(f"frozen_steps={self.frozen_steps} must be at least 0 (--frozen-steps)")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 
@@ -141,8 +158,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown options {sorted(unknown)}")
     # relative paths in a config file are relative to the file's folder
     base = path.parent
-    for key in ("train_file", "eval_file", "train_target_file", "eval_target_file", "model", "tokenizer"):
+    for key in ("train_file", "eval_file", "train_target_file", "eval_target_file"):
         if isinstance(data.get(key), str):
+            data[key] = _resolve(base, data[key])
+    for key in ("model", "tokenizer"):  # a folder beside the file, else a packaged name or a Hub id
+        if isinstance(data.get(key), str) and (base / data[key]).exists():
             data[key] = _resolve(base, data[key])
     for entry in data.get("tasks", []) or []:
         for key in ("train_file", "eval_file", "train_target_file", "eval_target_file"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -27,20 +28,22 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxloss
 from train import distributed, sharding
+from train.budget import Budget, Clock
 from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
+from train.compilation import CompiledSteps, CompileStats, enable_compile_cache
 from train.config import TaskSpec, TrainConfig
 from train.data.batching import Batcher
-from train.modeling import build_model, build_tokenizer, save_final_model
+from train.modeling import build_model, build_tokenizer, checkpoint_folders, save_final_model
 from train.optim import learning_rate_at, make_optimizer
 from train.plots import plot_run
 from train.recorder import MetricsRecorder
 from train.step import make_eval_step, make_train_step
+from train.timing import Timings
 from train.tasks import TASK_CLASSES, Task
 
 logger = logging.getLogger("train")
 
 NONFINITE_LIMIT = 5  # consecutive skipped steps after which the run stops
-PACE_EVERY = 10  # a run with a wall-clock budget re-estimates its horizon every this many steps
 
 
 def task_specs(config: TrainConfig) -> list[TaskSpec]:
@@ -82,7 +85,7 @@ def make_task(spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -
         name=spec.name, train_file=spec.train_file if with_files else None,
         eval_file=spec.eval_file if with_files else None, format=spec.format,
         text_column=spec.text_column, text_pair_column=spec.text_pair_column, label_column=spec.label_column,
-        max_length=config.max_length,
+        max_length=spec.max_length or config.max_length,
     )
     if spec.task in ("classify", "ner", "seq2seq"):
         kwargs["label_smoothing"] = config.label_smoothing
@@ -141,33 +144,55 @@ class TaskData:
 
 def _make_batchers(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, divisor: int,
                    records: Mapping[str, tuple[Any, Any]]) -> dict[str, TaskData]:
+    """Each task's training batches (its own batch size and length) and its evaluation batches.
+
+    Training batches of a task come in ``buckets`` padded lengths (multiples of 8 chosen to
+    pad least, :func:`~train.data.batching.choose_buckets`), each a shape the step is compiled
+    for: 4 for a single task; 1 per task in a multi-task run by default, where the step is
+    compiled once per combination of the tasks' shapes.
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multi = len(tasks) > 1
-    pad_multiple = config.max_length if multi else max(16, config.max_length // 4)
+    specs = {s.name: s for s in task_specs(config)}
     out = {}
     for task in tasks:
+        batch_size = specs[task.name].batch_size or config.batch_size
+        _check_batch_size(task.name, batch_size, config.grad_accum, divisor)
+        buckets = specs[task.name].buckets or config.buckets or (1 if multi else 4)
         train_records, eval_records = records[task.name]
         train_features = task.encode(tokenizer, train_records)
         _log_counts(task.name, "train", train_records, train_features)
         # every process builds the whole global batch: per-example randomness (masked-LM
         # corruption) is then drawn once for the global batch, the same on any number of
         # processes, and each process hands its devices their rows (_device_batch)
-        train = Batcher(train_features, config.batch_size, pad_id=pad_id, shuffle=True, seed=config.seed,
-                        pad_to_multiple=pad_multiple, max_length=config.max_length)
+        train = Batcher(train_features, batch_size, pad_id=pad_id, shuffle=True, seed=config.seed,
+                        pad_to_multiple=8, max_length=task.max_length, max_buckets=buckets)
+        logger.info("%s train: batches of %d padded to %s tokens", task.name, batch_size, train.shapes)
         eval_batches: list[dict[str, np.ndarray]] = []
         if eval_records is not None:
             if config.max_eval_examples:
                 eval_records = eval_records[: config.max_eval_examples]
             eval_features = task.encode(tokenizer, eval_records, training=False)
             _log_counts(task.name, "eval", eval_records, eval_features)
-            eval_size = max(divisor, (config.batch_size // divisor) * divisor)
+            eval_size = max(divisor, (batch_size // divisor) * divisor)
             # every process evaluates whole batches (replicated), so metrics need no gathering
+            # evaluation is bucketed even in a multi-task run: a forward pass compiles quickly
             eval_batcher = Batcher(eval_features, eval_size, pad_id=pad_id, shuffle=False,
-                                   pad_to_multiple=pad_multiple, max_length=config.max_length)
+                                   pad_to_multiple=max(16, task.max_length // 4), max_length=task.max_length)
             rng = np.random.default_rng(config.seed + 1)
             eval_batches = [_prepare(task, b, rng) for b in eval_batcher.epoch_batches(0)]
         out[task.name] = TaskData(task, train, eval_batches)
     return out
+
+
+def _check_batch_size(name: str, batch_size: int, grad_accum: int, divisor: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"task {name!r}: batch_size={batch_size} must be positive")
+    if batch_size % grad_accum:
+        raise ValueError(f"task {name!r}: batch_size={batch_size} is not divisible by grad_accum={grad_accum}")
+    if (batch_size // grad_accum) % divisor:
+        raise ValueError(f"task {name!r}: micro-batch size {batch_size // grad_accum} (batch size / --grad-accum) is not "
+                         f"divisible by the {divisor} batch shards of the mesh")
 
 
 def _log_counts(name: str, split: str, records: Any, features: Any) -> None:
@@ -201,57 +226,18 @@ def _replicated_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, A
             for k, v in batch.items() if k != "example_index"}
 
 
-class Budget:
-    """The stopping rules: steps, epochs, wall-clock minutes; and the horizon they allow."""
-
-    def __init__(self, config: TrainConfig, steps_per_epoch: int):
-        epochs_steps = math.ceil(config.epochs * steps_per_epoch) if config.epochs else None
-        candidates = [s for s in (config.max_steps, epochs_steps) if s]
-        self.total_steps = min(candidates) if candidates else steps_per_epoch
-        self.deadline = time.monotonic() + 60 * config.max_minutes if config.max_minutes else None
-
-    def horizon(self, step: int, seconds_per_step: float | None) -> int:
-        """The step the run will end at: ``total_steps``, or sooner where the clock runs out first
-        at ``seconds_per_step`` (evaluations and saves included in that pace)."""
-        if self.deadline is None or not seconds_per_step:
-            return self.total_steps
-        remaining = max(0.0, self.deadline - time.monotonic())
-        return max(step + 1, min(self.total_steps, step + int(remaining / seconds_per_step)))
-
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
-    def minutes_left(self) -> float | None:
-        return None if self.deadline is None else max(0.0, (self.deadline - time.monotonic()) / 60)
-
-
-class Pace:
-    """Seconds per training step: the median of the recent steps' wall times (robust to the
-    compilation a new batch shape costs) plus the evaluations' and saves' time spread over
-    every step so far."""
-
-    def __init__(self, window: int = 50):
-        self.times: collections.deque[float] = collections.deque(maxlen=window)
-        self.steps = 0
-        self.paused = 0.0
-
-    def step(self, seconds: float) -> None:
-        self.times.append(seconds)
-        self.steps += 1
-
-    def pause(self, seconds: float) -> None:
-        self.paused += seconds
-
-    def seconds_per_step(self) -> float | None:
-        """None until ``PACE_EVERY`` steps have been timed."""
-        if len(self.times) < PACE_EVERY:
-            return None
-        return float(np.median(self.times)) + self.paused / self.steps
+def _batch_signature(batches: Mapping[str, Mapping[str, Any]]) -> tuple:
+    return tuple((name, tuple((k, tuple(v.shape)) for k, v in sorted(b.items()))) for name, b in sorted(batches.items()))
 
 
 def run(config: TrainConfig) -> dict[str, float]:
     """Trains as ``config`` says; returns the final evaluation metrics."""
+    clock = Clock()
+    started = clock.now()
+    timings = Timings(clock, started)
     _setup_logging()
+    cache_folder = enable_compile_cache(config.compile_cache)
+    compile_stats = CompileStats.start()
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
     out_dir = preflight(config.output_dir)
     mesh = sharding.make_mesh(config.mesh)
@@ -262,6 +248,7 @@ def run(config: TrainConfig) -> dict[str, float]:
             f"the {divisor} batch shards of mesh {dict(mesh.shape)}"
         )
     tasks = build_tasks(config)
+    model_dir, tokenizer_dir = checkpoint_folders(config)
     records = {t.name: (t.read(t.train_file), t.read(t.eval_file) if t.eval_file else None) for t in tasks}
     saved_tasks = _load_task_state(out_dir)
     for task in tasks:
@@ -269,7 +256,7 @@ def run(config: TrainConfig) -> dict[str, float]:
             task.load_state(saved_tasks[task.name])
         else:
             task.fit_labels(records[task.name][0])
-    tokenizer = build_tokenizer(config, tasks, records, out_dir / "tokenizer")
+    tokenizer = build_tokenizer(config, tasks, records, out_dir / "tokenizer", source=tokenizer_dir)
     for task in tasks:
         task.fused = task.kind in ("lm", "mlm", "seq2seq") and use_fused_loss(config.fused_loss, len(tokenizer))
     data = _make_batchers(config, tasks, tokenizer, divisor, records)
@@ -277,20 +264,17 @@ def run(config: TrainConfig) -> dict[str, float]:
     config.save(out_dir / "config.yaml")
 
     steps_per_epoch = max(len(d.train.epoch_plan(0)) for d in data.values())
-    budget = Budget(config, steps_per_epoch)
+    budget = Budget(max_steps=config.max_steps, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                    max_minutes=config.max_minutes, eval_every=config.eval_every, clock=clock, start=started)
     total_steps = budget.total_steps
-    # a run with a wall-clock budget learns its horizon (and so its schedule and evaluation
-    # interval) from its pace; any other run knows it from the start
-    horizon = total_steps
-    paced = budget.deadline is not None
-    eval_every = config.eval_every or (None if paced else max(1, total_steps // 5))
-    save_every = config.save_every or eval_every or total_steps
     optimizer = make_optimizer(weight_decay=config.weight_decay, clip_norm=config.clip_norm)
     composite = composite_loss(config, tasks)
 
-    model = build_model(config, tasks, tokenizer, mesh)
+    model, new_paths = build_model(config, tasks, tokenizer, mesh, model_dir=model_dir)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    new_parameters = None if new_paths is None else jax.tree_util.tree_map_with_path(
+        lambda path, _: _path_tuple(path) in new_paths, params)
     model.eval()
     eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
     params = sharding.shard_state(params, mesh)
@@ -301,8 +285,9 @@ def run(config: TrainConfig) -> dict[str, float]:
     main = tasks[0]
     best_metric = config.best_metric or f"eval/{main.name}/{main.main_metric}"
     greater = main.greater_is_better if config.best_metric is None else not best_metric.endswith(("loss", "perplexity", "mse", "nll"))
-    checkpoints = CheckpointManager(out_dir / "checkpoints", save_every=save_every, keep_last=config.keep_checkpoints,
-                                    best_metric=best_metric, best_mode="max" if greater else "min")
+    checkpoints = CheckpointManager(out_dir / "checkpoints", save_every=config.save_every or 0,
+                                    keep_last=config.keep_checkpoints, best_metric=best_metric,
+                                    best_mode="max" if greater else "min")
     step = 0
     restored = checkpoints.restore(target=_abstract((params, log_vars, opt_state)))
     if restored is not None:
@@ -311,20 +296,43 @@ def run(config: TrainConfig) -> dict[str, float]:
         for name, position in (restored.data_position or {}).items():
             data[name].train.restore(position)
         logger.info("resumed from %s at step %d", restored.path, step)
+    best_step, best_value = checkpoints.best()
+    horizon = budget.horizon(step)
+    timings.since("setup", started)
 
-    # the step returns the state laid out as it came in: one compilation, and donation reuses the buffers
-    train_step = jax.jit(make_train_step(graphdef, tasks, composite, optimizer, config.grad_accum),
-                         donate_argnums=(0, 1, 2), out_shardings=(*state_shardings, replicated))
-    eval_steps = {t.name: jax.jit(make_eval_step(eval_graphdef, t), out_shardings=NamedSharding(mesh, PartitionSpec()))
+    # every batch shape is compiled before the first step; the step returns the state laid
+    # out as it came in (donation reuses the buffers)
+    compile_start = clock.now()
+    train_step = CompiledSteps(jax.jit(make_train_step(graphdef, tasks, composite, optimizer, config.grad_accum,
+                                                       new_parameters),
+                                       donate_argnums=(0, 1, 2), out_shardings=(*state_shardings, replicated)), "train step")
+    eval_steps = {t.name: CompiledSteps(jax.jit(make_eval_step(eval_graphdef, t), out_shardings=replicated), f"{t.name} eval")
                   for t in tasks}
     key = jax.random.key(config.seed)
+    rates = lambda s, h: _learning_rates(config, s, h, split=new_parameters is not None)  # noqa: E731
+    step_args = lambda s, h: (jnp.asarray(s, jnp.int32), jnp.asarray(rates(s, h), jnp.float32))  # noqa: E731
+    for batches in _shape_examples(config, data, mesh):
+        train_step.compile(_batch_signature(batches), params, log_vars, opt_state, rest, *step_args(0, horizon), batches, key)
+    for name, d in data.items():
+        for b in _distinct_shapes(d.eval_batches):
+            eval_steps[name].compile(_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh))
+    eval_estimate = _estimate_eval_seconds(data, eval_steps, params, rest, mesh, clock)
+    compile_seconds = timings.since("compile", compile_start)
+    stats = compile_stats.snapshot()
+    timings.extra.update(compile_cache=str(cache_folder) if cache_folder else None, **{f"compile_{k}": v for k, v in stats.items()})
+    logger.info("compiled %d train and %d eval shapes in %.1f s (%d programs, %d from the persistent cache%s)",
+                len(train_step.executables), sum(len(e.executables) for e in eval_steps.values()), compile_seconds,
+                stats["programs"], stats["cache_hits"], f" {cache_folder}" if cache_folder else ", which is off")
+    if eval_estimate is not None:
+        budget.set_eval_seconds(eval_estimate)
 
     def evaluate() -> dict[str, float]:
         results = {}
         for name, d in data.items():
             if not d.eval_batches:
                 continue
-            predictions = [jax.device_get(eval_steps[name](params, rest, _replicated_batch(b, mesh))) for b in d.eval_batches]
+            predictions = [jax.device_get(eval_steps[name](_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh)))
+                           for b in d.eval_batches]
             for metric, value in d.task.metrics(predictions, d.eval_batches).items():
                 results[f"eval/{name}/{metric}"] = float(value)
         return results
@@ -341,50 +349,50 @@ def run(config: TrainConfig) -> dict[str, float]:
         )
 
     recorder = MetricsRecorder(out_dir, enabled=jax.process_index() == 0)
-    progress = _progress_bar(config, total_steps, step)
+    progress = _progress_bar(config, horizon, step)
     window: list[dict[str, float]] = []
     nonfinite_run = 0
-    last_eval: dict[str, float] = {}
-    best_value: float | None = None
     evals_without_improvement = 0
     tokens_in_window = 0
     window_start = time.perf_counter()
     stop_reason = "reached the step budget"
-    pace = Pace()
     if config.eval_on_start and step == 0:
-        start = evaluate()
-        if start:
-            recorder.write({"step": 0, "epoch": 0.0, **start})
-            logger.info("step 0 (before training): %s", _format(start))
+        eval_start = clock.now()
+        start_metrics = evaluate()
+        budget.set_eval_seconds(timings.since("eval", eval_start))
+        if start_metrics:
+            recorder.write({"step": 0, "epoch": 0.0, **start_metrics})
+            logger.info("step 0 (before training): %s", _format(start_metrics))
+    if budget.paced:
+        logger.info("the %g-minute budget: %.0f s used by setup and compiling; one evaluation takes about %.1f s, "
+                    "%d planned before the final one", config.max_minutes, clock.now() - started,
+                    budget.eval_seconds or 0.0, budget.evals_left())
     with PreemptionHandler() as preemption:
-        while step < total_steps:
-            step_start = time.perf_counter()
+        while step < horizon:
+            step_start = clock.now()
             batches = {}
             for name, d in data.items():
                 host = next(d.train)
                 host = _prepare(d.task, host, np.random.default_rng([config.seed, step, len(name)]))
                 tokens_in_window += int(np.sum(host.get("attention_mask", host["example_mask"])))
                 batches[name] = _device_batch(host, mesh)
-            learning_rate = learning_rate_at(step, horizon, config.learning_rate, config.warmup_steps, config.schedule)
+            data_seconds = timings.since("data", step_start)
             params, log_vars, opt_state, metrics = train_step(
-                params, log_vars, opt_state, rest, jnp.asarray(step, jnp.int32), jnp.asarray(learning_rate, jnp.float32),
+                _batch_signature(batches), params, log_vars, opt_state, rest, *step_args(step, horizon),
                 batches, jax.random.fold_in(key, step)
             )
             step += 1
             metrics = jax.device_get(metrics)
-            pace.step(time.perf_counter() - step_start)
-            if paced and step % PACE_EVERY == 0 and pace.seconds_per_step() is not None:
-                # the slowest process's pace, so that every process takes the same schedule
-                seconds = distributed.all_reduce_max(pace.seconds_per_step())
-                horizon = budget.horizon(step, seconds)
-                if eval_every is None:
-                    eval_every = max(1, (horizon - step) // 5)
-                    checkpoints.save_every = config.save_every or eval_every
-                    logger.info("%.3f s per step: the %g-minute budget allows about %d steps; evaluating every %d",
-                                seconds, config.max_minutes, horizon, eval_every)
-                if progress is not None:
-                    progress.total = horizon
-                    progress.refresh()
+            timings.extra.setdefault("first_step_at", time.time())  # wall-clock time, for comparisons across processes
+            budget.record_step(data_seconds + timings.since("train", step_start + data_seconds))
+            if budget.should_refit(step):
+                # the slowest process's horizon, so that every process takes the same schedule
+                new_horizon = budget.agree(int(-distributed.all_reduce_max(-float(budget.horizon(step)))))
+                if new_horizon != horizon:
+                    horizon = new_horizon
+                    if progress is not None:
+                        progress.total = max(horizon, step)
+                        progress.refresh()
             if not bool(metrics["train/finite"]):
                 nonfinite_run += 1
                 logger.warning("step %d: loss or gradient not finite; step skipped (%d in a row)", step, nonfinite_run)
@@ -398,53 +406,135 @@ def run(config: TrainConfig) -> dict[str, float]:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{window[-1]['train/loss']:.4f}", refresh=False)
-            if step % config.log_every == 0 or step == total_steps:
-                recorder.write(_train_record(window, step, _epoch(data), tokens_in_window, window_start))
+            if step % config.log_every == 0 or step == horizon:
+                recorder.write({**_train_record(window, step, _epoch(data), tokens_in_window, window_start),
+                                "train/horizon": horizon})
                 window, tokens_in_window, window_start = [], 0, time.perf_counter()
-            pause_start = time.perf_counter()
-            if eval_every is not None and step % eval_every == 0 and step < total_steps:
+            if distributed.any_process(budget.should_evaluate(step)):
+                eval_start = clock.now()
                 last_eval = evaluate()
+                budget.record_eval(timings.since("eval", eval_start))
                 if last_eval:
                     recorder.write({"step": step, "epoch": _epoch(data), **last_eval})
                     logger.info("step %d: %s", step, _format(last_eval))
-                    improved = _improved(last_eval.get(best_metric), best_value, greater)
-                    if improved:
-                        best_value = last_eval[best_metric]
+                    if _improved(last_eval.get(best_metric), best_value, greater):
+                        best_step, best_value = step, last_eval[best_metric]
                         evals_without_improvement = 0
                     else:
                         evals_without_improvement += 1
+                save_start = clock.now()
                 save(metrics=last_eval)
+                budget.record_save(timings.since("save", save_start))
                 if config.early_stopping and evals_without_improvement >= config.early_stopping:
                     stop_reason = f"no improvement of {best_metric} in {config.early_stopping} evaluations"
                     break
             elif checkpoints.should_save(step):
+                save_start = clock.now()
                 save()
-            pace.pause(time.perf_counter() - pause_start)
+                budget.record_save(timings.since("save", save_start))
             # every process must stop at the same step: agree on signals and the clock
             if distributed.any_process(preemption.requested):
                 stop_reason = "a stop signal"
                 break
-            if distributed.any_process(budget.out_of_time()):
+            if step < horizon and distributed.any_process(budget.out_of_time()):
                 stop_reason = f"the {config.max_minutes}-minute budget ran out"
                 break
+        else:
+            if budget.paced and horizon < total_steps:
+                stop_reason = f"the {config.max_minutes}-minute budget (the horizon its pace allowed)"
     if progress is not None:
         progress.close()
+    final_start = clock.now()
     if window:  # the steps since the last log line (a run stopped by its budget or a signal)
-        recorder.write(_train_record(window, step, _epoch(data), tokens_in_window, window_start))
+        recorder.write({**_train_record(window, step, _epoch(data), tokens_in_window, window_start), "train/horizon": horizon})
     final = evaluate()
+    timings.extra["final_eval_seconds"] = clock.now() - final_start
     if final:
         recorder.write({"step": step, "epoch": _epoch(data), **final})
+        if _improved(final.get(best_metric), best_value, greater) or best_step is None:
+            best_step, best_value = step, final.get(best_metric)
     if saved_step != step:
         save(metrics=final)
     checkpoints.wait()
+    model_params = params
+    if best_step is not None and best_step != step and best_step in checkpoints.steps():
+        model_params = checkpoints.restore(target=_abstract((params, log_vars, opt_state)), step=best_step).state[0]
+        logger.info("model/ holds step %d, the best by %s (%.4f; step %d: %.4f)", best_step, best_metric, best_value,
+                    step, final.get(best_metric, float("nan")))
     checkpoints.close()
-    recorder.close()
+    summary = {"final_step": step, "model_step": best_step if model_params is not params else step,
+               "best_metric": best_metric, "best_value": best_value, "stop_reason": stop_reason,
+               "horizon": horizon, "final": final}
     if jax.process_index() == 0:
-        trained = nnx.merge(eval_graphdef, params, rest, copy=True)
+        trained = nnx.merge(eval_graphdef, model_params, rest, copy=True)
         save_final_model(trained, tasks, tokenizer, out_dir / "model")
         plot_run(out_dir)
-        _print_summary(out_dir, step, stop_reason, final)
+    timings.since("final", final_start)
+    recorder.close()
+    if jax.process_index() == 0:
+        (out_dir / "timing.json").write_text(json.dumps(timings.as_dict(), indent=2) + "\n")
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(timings.summary())
+        _print_summary(out_dir, summary)
     return final
+
+
+def _learning_rates(config: TrainConfig, step: int, horizon: int, *, split: bool) -> float | list[float]:
+    """The step's learning rate, or with ``split`` the pair ``[pre-trained weights, new heads]``:
+    the heads follow the schedule from step 0 at ``--head-learning-rate``; the pre-trained
+    weights wait ``--frozen-steps`` steps and then follow it over the rest of the horizon."""
+    if not split:
+        return learning_rate_at(step, horizon, config.learning_rate, config.warmup_steps, config.schedule)
+    frozen = min(config.frozen_steps, max(0, horizon - 1))
+    pretrained = 0.0 if step < frozen else learning_rate_at(step - frozen, horizon - frozen, config.learning_rate,
+                                                             config.warmup_steps, config.schedule)
+    head = learning_rate_at(step, horizon, config.head_learning_rate or config.learning_rate, config.warmup_steps,
+                            config.schedule)
+    return [pretrained, head]
+
+
+def _path_tuple(path: Sequence[Any]) -> tuple[Any, ...]:
+    """A ``tree_map_with_path`` path of an ``nnx.State`` leaf as the tuple ``nnx.to_flat_state`` gives."""
+    keys = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.GetAttrKey) and entry.name == "value":
+            continue
+        keys.append(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+    return tuple(keys)
+
+
+def _shape_examples(config: TrainConfig, data: Mapping[str, TaskData], mesh: Any) -> Iterator[dict[str, Any]]:
+    """One device batch per combination of the tasks' training batch shapes (what the step is compiled for)."""
+    per_task = {name: [_prepare(d.task, b, np.random.default_rng(0)) for b in d.train.shape_examples()]
+                for name, d in data.items()}
+    names = list(per_task)
+    for combo in itertools.product(*(per_task[n] for n in names)):
+        yield {n: _device_batch(b, mesh) for n, b in zip(names, combo)}
+
+
+def _distinct_shapes(batches: Sequence[Mapping[str, np.ndarray]]) -> list[Mapping[str, np.ndarray]]:
+    """The first batch of each distinct shape."""
+    seen: dict[tuple, Mapping[str, np.ndarray]] = {}
+    for b in batches:
+        seen.setdefault(tuple((k, v.shape) for k, v in sorted(b.items())), b)
+    return list(seen.values())
+
+
+def _estimate_eval_seconds(data: Mapping[str, TaskData], eval_steps: Mapping[str, CompiledSteps], params: Any, rest: Any,
+                           mesh: Any, clock: Clock) -> float | None:
+    """The seconds of one full evaluation: one batch of each shape timed (compiled already),
+    times the number of batches of that shape, plus the metrics' host time (not counted)."""
+    total, any_eval = 0.0, False
+    for name, d in data.items():
+        if not d.eval_batches:
+            continue
+        any_eval = True
+        counts = collections.Counter(tuple((k, v.shape) for k, v in sorted(b.items())) for b in d.eval_batches)
+        for b in _distinct_shapes(d.eval_batches):
+            begin = clock.now()
+            jax.block_until_ready(eval_steps[name](_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh)))
+            total += (clock.now() - begin) * counts[tuple((k, v.shape) for k, v in sorted(b.items()))]
+    return total if any_eval else None
 
 
 def _train_record(window: Sequence[Mapping[str, float]], step: int, epoch: float, tokens: int,
@@ -509,12 +599,18 @@ def _progress_bar(config: TrainConfig, total: int, start: int):
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _print_summary(out_dir: Path, step: int, reason: str, final: Mapping[str, float]) -> None:
-    lines = [f"stopped at step {step}: {reason}", f"run folder: {out_dir}"]
+def _print_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
+    final = summary["final"]
+    lines = [f"stopped at step {summary['final_step']}: {summary['stop_reason']}", f"run folder: {out_dir}"]
     if final:
-        lines.append("final evaluation:")
+        lines.append(f"final evaluation (step {summary['final_step']}):")
         lines += [f"  {k.removeprefix('eval/')}: {v:.4f}" for k, v in sorted(final.items())]
-    lines.append(f"model: {out_dir / 'model'}   curves: {out_dir / 'plots'}   metrics: {out_dir / 'metrics.jsonl'}")
+    if summary["model_step"] != summary["final_step"]:
+        lines.append(f"model: {out_dir / 'model'} holds step {summary['model_step']}, the best by {summary['best_metric']} "
+                     f"({summary['best_value']:.4f})")
+    else:
+        lines.append(f"model: {out_dir / 'model'} (step {summary['final_step']})")
+    lines.append(f"curves: {out_dir / 'plots'}   metrics: {out_dir / 'metrics.jsonl'}   time: {out_dir / 'timing.json'}")
     print("\n".join(lines), flush=True)
 
 

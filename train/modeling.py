@@ -23,7 +23,9 @@ from train import sharding
 from train.config import TrainConfig
 from train.data.tokenization import load_tokenizer, train_tokenizer
 from train.models import BertMultiTask, from_config, load_pretrained, save_pretrained, state_dict
+from train.models.hf import parameter_paths
 from train.models.outputs import Runtime
+from train.models.sources import resolve_checkpoint
 from train.tasks.base import Task
 
 #: (hidden size, layers, attention heads, MLP size) of models trained from scratch.
@@ -53,9 +55,18 @@ def is_seq2seq_run(tasks: Sequence[Task]) -> bool:
     return len(tasks) == 1 and tasks[0].kind == "seq2seq"
 
 
-def build_tokenizer(config: TrainConfig, tasks: Sequence[Task], records: Mapping[str, tuple[Any, Any]], save_dir: Path) -> Any:
-    """The run's tokenizer, saved (again) into ``save_dir`` so the run folder is self-contained."""
-    source = config.tokenizer or config.model
+def checkpoint_folders(config: TrainConfig) -> tuple[Path | None, Path | None]:
+    """The local folders of ``--model`` and ``--tokenizer`` (default: the model's), each a
+    folder, a packaged checkpoint or a Hub id (:func:`train.models.sources.resolve_checkpoint`)."""
+    model = resolve_checkpoint(config.model, what="--model") if config.model else None
+    tokenizer = resolve_checkpoint(config.tokenizer, what="--tokenizer") if config.tokenizer else model
+    return model, tokenizer
+
+
+def build_tokenizer(config: TrainConfig, tasks: Sequence[Task], records: Mapping[str, tuple[Any, Any]], save_dir: Path,
+                    source: Path | None = None) -> Any:
+    """The run's tokenizer: loaded from the folder ``source``, else the run's own (resumed), else
+    trained on the training texts; saved (again) into ``save_dir`` so the run folder is self-contained."""
     if source is None and (save_dir / "tokenizer.json").exists():
         source = str(save_dir)  # a resumed run keeps its tokenizer
     if source is not None:
@@ -121,24 +132,34 @@ def is_shared_trunk_run(tasks: Sequence[Task]) -> bool:
     return len(tasks) > 1 or tasks[0].head()[0] == "pair_similarity"
 
 
-def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh: Mesh) -> nnx.Module:
-    """The model to train: created sharded on ``mesh``, or loaded from ``--model`` on the host."""
+def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh: Mesh,
+                model_dir: Path | None = None) -> tuple[nnx.Module, set[tuple[Any, ...]] | None]:
+    """The model to train, and the paths of its parameters that a checkpoint did not provide
+    (its new heads; None for a model trained from scratch): loaded from the checkpoint folder
+    ``model_dir`` on the host, else created sharded on ``mesh`` at ``--model-size``."""
     vocab_size = len(tokenizer)
     runtime = dict(dtype=config.dtype, seed=config.seed)
+
+    def load() -> tuple[nnx.Module, set[tuple[Any, ...]]]:
+        if is_shared_trunk_run(tasks):
+            from train.models import load_multitask
+
+            heads = {t.name: t.head() for t in tasks}
+            model, report = load_multitask(model_dir, heads, dtype=config.dtype, seed=config.seed, with_report=True)
+        else:
+            task = tasks[0]
+            arch = None if task.kind in ("lm", "seq2seq") else ENCODER_ARCHITECTURE[task.kind]
+            model, report = load_pretrained(model_dir, arch, strict=False, with_report=True, **runtime,
+                                            **_label_overrides(task))
+        loaded = parameter_paths(model, report.loaded)
+        return model, {tuple(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))} - loaded
 
     def make() -> nnx.Module:
         if is_shared_trunk_run(tasks):
             cfg = _encoder_config(config, vocab_size)
             heads = {t.name: t.head() for t in tasks}
-            if config.model:
-                from train.models import load_multitask
-
-                return load_multitask(config.model, heads, dtype=config.dtype, seed=config.seed)
             return BertMultiTask(cfg, heads, Runtime(config.dtype), rngs=nnx.Rngs(config.seed))
         task = tasks[0]
-        if config.model:
-            arch = None if task.kind in ("lm", "seq2seq") else ENCODER_ARCHITECTURE[task.kind]
-            return load_pretrained(config.model, arch, strict=False, **runtime, **_label_overrides(task))
         if task.kind == "lm":
             return from_config(_decoder_config(config, vocab_size, tokenizer), "GPT2LMHeadModel", **runtime)
         if task.kind == "seq2seq":
@@ -146,11 +167,11 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
         return from_config(_encoder_config(config, vocab_size), ENCODER_ARCHITECTURE[task.kind], **runtime,
                            **_label_overrides(task))
 
-    if config.model:
+    if model_dir is not None:
         # a checkpoint is read on the host; the loop then places its arrays on the mesh
         with sharding.unsharded():
-            return make()
-    return sharding.create_sharded(make, mesh)
+            return load()
+    return sharding.create_sharded(make, mesh), None
 
 
 def save_final_model(model: nnx.Module, tasks: Sequence[Task], tokenizer: Any, path: Path) -> None:
