@@ -136,6 +136,21 @@ def run_lm(rows: Rows, name: str, train_text: str, val_text: str, split: str) ->
     one(f"bigram BPE-{BPE_VOCAB} ids", bpe)
 
 
+def run_mlm_unigram(rows: Rows, name: str, train_text: str, val_text: str, split: str) -> None:
+    """A unigram over the packaged checkpoint's WordPiece ids (add-one): what a masked-LM head
+    scores without looking at the context, in the same units as its perplexity."""
+    from train.models.sources import resolve_checkpoint
+
+    start = time.perf_counter()
+    tok = data.load_tokenizer(resolve_checkpoint("minilm"))
+    ids = lambda text: tok(text, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
+    trained, evaluated = ids(train_text), ids(val_text)
+    model = B.fit_bigram([trained], vocab_size=len(tok), weight=0.0, k=1.0)
+    ppl = B.bigram_perplexity(model, [evaluated])
+    rows.add(name, "unigram MiniLM WordPiece ids", f"{len(trained)} tok", f"{len(evaluated)} tok",
+             {"perplexity": ppl}, time.perf_counter() - start, split=split)
+
+
 def run_translation(rows: Rows, name: str, folder: Path) -> None:
     tr = data.read_parallel(folder / "train.en.gz", folder / "train.de.gz")
     ev = data.read_parallel(folder / "val.en.gz", folder / "val.de.gz")
@@ -152,6 +167,7 @@ def run_shipped(rows: Rows) -> None:
     tr = (d / "tinyshakespeare/train.txt").read_text(encoding="utf-8")
     va = (d / "tinyshakespeare/val.txt").read_text(encoding="utf-8")
     run_lm(rows, "tiny Shakespeare (shipped)", tr, va, "data/tinyshakespeare train.txt / val.txt")
+    run_mlm_unigram(rows, "tiny Shakespeare (shipped)", tr, va, "data/tinyshakespeare train.txt / val.txt")
 
 
 def run_full(rows: Rows, shared: Path) -> None:

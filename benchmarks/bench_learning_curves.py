@@ -53,10 +53,12 @@ class Curve:
     baseline: str  # baseline name in baselines.json
     args: tuple[str, ...]  # data flags, with {shared} and {split} placeholders
     eval_every: int = 100  # steps between evaluations
+    pretrained: bool = False  # fine-tunes the packaged checkpoint (--model minilm) instead of training from scratch
 
 
-COMMON = ("--model-size", "tiny", "--vocab-size", "8000", "--batch-size", "32", "--epochs", "1000",
-          "--log-every", "20", "--no-progress")
+COMMON = ("--batch-size", "32", "--epochs", "1000", "--log-every", "20", "--no-progress")
+SCRATCH = ("--model-size", "tiny", "--vocab-size", "8000")
+FINE_TUNED = ("--model", "minilm")
 
 CURVES = (
     Curve("wnut17", "WNUT-17", "ner", "f1", True, "most-frequent-tag",
@@ -77,13 +79,25 @@ CURVES = (
           ("--train-file", "{shared}/multi30k/train.en.gz", "--train-target-file", "{shared}/multi30k/train.de.gz",
            "--eval-file", "{shared}/multi30k/val.en.gz", "--eval-target-file", "{shared}/multi30k/val.de.gz",
            "--max-length", "64", "--learning-rate", "1e-3", "--label-smoothing", "0.1", "--max-eval-examples", "512"), eval_every=200),
+    Curve("wnut17-minilm", "WNUT-17", "ner", "f1", True, "most-frequent-tag",
+          ("--train-file", "{shared}/wnut17/wnut17train.conll", "--eval-file", "{shared}/wnut17/emerging.dev.conll",
+           "--max-length", "128", "--learning-rate", "2e-4"), eval_every=40, pretrained=True),
+    Curve("sst2-minilm", "SST-2", "classify", "accuracy", True, "tfidf-1-2gram+logreg",
+          ("--train-file", "{shared}/sst2_sentence_level/stsa.binary.train",
+           "--eval-file", "{shared}/sst2_sentence_level/stsa.binary.dev", "--format", "label-first",
+           "--max-length", "128", "--learning-rate", "1e-4"), eval_every=40, pretrained=True),
+    Curve("stsb-minilm", "STS-B", "regress", "pearson", True, "ridge pair features",
+          ("--train-file", "{shared}/stsb/sts-train.csv", "--eval-file", "{shared}/stsb/sts-dev.csv", "--format", "tsv",
+           "--text-column", "5", "--text-pair-column", "6", "--label-column", "4", "--pair-encoding", "siamese",
+           "--max-length", "64", "--learning-rate", "5e-5"), eval_every=40, pretrained=True),
 )
 
 
 def command(curve: Curve, shared: Path, split: Path, out: Path, minutes: float) -> list[str]:
     """The ``jaxloss-train`` command line of one curve."""
     data = [a.format(shared=shared, split=split) for a in curve.args]
-    return ["jaxloss-train", curve.task, *data, *COMMON, "--max-minutes", f"{minutes:g}",
+    return ["jaxloss-train", curve.task, *data, *(FINE_TUNED if curve.pretrained else SCRATCH), *COMMON,
+            "--max-minutes", f"{minutes:g}",
             "--eval-every", str(curve.eval_every), "--output-dir", str(out)]
 
 
@@ -130,26 +144,36 @@ def run_curve(curve: Curve, shared: Path, split: Path, runs: Path, minutes: floa
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """One panel per data set: each run's main metric against its step (from scratch and
+    fine-tuned), the baseline dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.0), squeeze=False)
-    for ax, r in zip(axes.flat, results):
-        xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(xs, ys, marker="o", markersize=3, label="jaxloss-train")
-        if r["baseline_value"] is not None:
-            ax.axhline(r["baseline_value"], color="gray", linestyle="--", label=r["baseline"])
-        ax.set_title(f"{r['dataset']}: {r['metric']}", fontsize=9)
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(3.6 * len(datasets), 3.0), squeeze=False)
+    for ax, dataset in zip(axes.flat, datasets):
+        runs = [r for r in results if r["dataset"] == dataset]
+        for r in runs:
+            xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+            ax.plot(xs, ys, marker="o", markersize=3, label=_model_label(r))
+        base = runs[0]
+        if base["baseline_value"] is not None:
+            ax.axhline(base["baseline_value"], color="gray", linestyle="--", label=base["baseline"])
+        ax.set_title(f"{dataset}: {base['metric']}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        if r["metric"] == "perplexity":
+        if base["metric"] == "perplexity":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _model_label(result: dict[str, Any]) -> str:
+    return "all-MiniLM-L6-v2, fine-tuned" if result.get("pretrained") else "tiny, from scratch"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     for curve in chosen:
         r = run_curve(curve, shared, split_dir, runs, args.minutes)
         r.update(baseline=curve.baseline, baseline_value=baseline_value(curve, baselines),
-                 greater_is_better=curve.greater_is_better)
+                 greater_is_better=curve.greater_is_better, pretrained=curve.pretrained)
         results.append(r)
         print(f"  {curve.dataset}: {curve.metric} final {r['final']} best {r['best']} after {r['steps']} steps; "
               f"{curve.baseline} {r['baseline_value']}", file=sys.stderr, flush=True)
@@ -188,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         base = r["baseline_value"]
         beats = None if base is None or r["best"] is None else (r["best"] > base if r["greater_is_better"] else r["best"] < base)
-        rows.append([r["dataset"], r["task"], r["metric"], r["steps"], _num(r["final"]), _num(r["best"]),
+        rows.append([r["dataset"], _model_label(r), r["task"], r["metric"], r["steps"], _num(r["final"]), _num(r["best"]),
                      r["baseline"], _num(base), {True: "yes", False: "no", None: "-"}[beats]])
-    print(format_table(["data set", "task", "metric", "steps", "final", "best", "baseline", "baseline value", "beats"],
+    print(format_table(["data set", "model", "task", "metric", "steps", "final", "best", "baseline", "baseline value", "beats"],
                        rows))
     png = RESULTS_DIR / "learning_curves.png"
     plot(results, png)
@@ -206,10 +230,10 @@ def _with_kept_results(results: list[dict], minutes: float) -> list[dict]:
     saved = json.loads(path.read_text()) if path.exists() else {}
     if saved.get("minutes") != minutes:
         return results
-    by_dataset = {r["dataset"]: r for r in saved.get("results", [])}
-    by_dataset.update({r["dataset"]: r for r in results})
-    order = [c.dataset for c in CURVES]
-    return sorted(by_dataset.values(), key=lambda r: order.index(r["dataset"]) if r["dataset"] in order else len(order))
+    by_key = {r.get("key", r["dataset"]): r for r in saved.get("results", [])}
+    by_key.update({r["key"]: r for r in results})
+    order = [c.key for c in CURVES]
+    return sorted(by_key.values(), key=lambda r: order.index(r.get("key")) if r.get("key") in order else len(order))
 
 
 def _num(x: float | None) -> str:

@@ -172,3 +172,16 @@ def test_packaged_table_pins_every_file():
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(ckpt.files)
         assert all(len(h) == 64 for h in [ckpt.wheel_sha256, *ckpt.files.values()])
         assert "==" in ckpt.requirement and json.dumps(ckpt.license)
+
+
+def test_the_command_line_names_a_missing_checkpoint_in_one_line(tmp_path, capsys, monkeypatch):
+    from tests.test_train_e2e import _classify_data
+    from train.cli import main as cli_main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = cli_main(["classify", "--model", "someone/no-such-model", "--train-file", _classify_data(tmp_path, 8, 0),
+                     "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: --model someone/no-such-model: the Hub repository is not in the Hugging Face cache" in err
+    assert "Traceback" not in err

@@ -50,8 +50,9 @@ PARAM_ATOL = 1e-5  # parameters: six Adam steps of lr 3e-3; rounding leaves <= 1
 MESHES_8 = ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2")
 RUN_TIMEOUT_S = 600
 
-# keys of a training record that depend on the wall clock, not on the numbers
-TIMING_KEYS = ("train/tokens_per_second", "train/seconds_per_step")
+# keys of a training record that depend on the wall clock or on the run's own step budget
+# (the interrupted run plans a horizon of STOP_AT), not on the numbers
+TIMING_KEYS = ("train/tokens_per_second", "train/seconds_per_step", "train/horizon")
 
 
 # --------------------------------------------------------------------------- runs

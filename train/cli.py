@@ -90,8 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     from train.loop import run
+    from train.models.sources import CheckpointSourceError
 
-    run(config)
+    try:
+        run(config)
+    except CheckpointSourceError as err:  # the checkpoint cannot be had: say why in one line
+        print(f"jaxloss-train: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,13 @@ _MISS = "/jax/compilation_cache/cache_misses"
 
 
 def compile_cache_folder(setting: str) -> Path | None:
-    """The folder ``--compile-cache`` names: ``auto`` -> ``<cache root>/jax``, ``off`` -> None."""
+    """The folder ``--compile-cache`` names: ``auto`` -> ``$JAX_COMPILATION_CACHE_DIR`` if set,
+    else ``<cache root>/jax``; ``off`` -> None."""
     if setting in ("off", "none", ""):
         return None
     if setting == "auto":
-        return cache_root() / "jax"
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]) if os.environ.get("JAX_COMPILATION_CACHE_DIR") \
+            else cache_root() / "jax"
     return Path(setting).expanduser()
 
 

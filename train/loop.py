@@ -44,6 +44,7 @@ from train.tasks import TASK_CLASSES, Task
 logger = logging.getLogger("train")
 
 NONFINITE_LIMIT = 5  # consecutive skipped steps after which the run stops
+EVAL_BUCKETS = 2  # padded lengths of a task's evaluation batches (each one compiled forward pass)
 
 
 def task_specs(config: TrainConfig) -> list[TaskSpec]:
@@ -176,9 +177,10 @@ def _make_batchers(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, d
             _log_counts(task.name, "eval", eval_records, eval_features)
             eval_size = max(divisor, (batch_size // divisor) * divisor)
             # every process evaluates whole batches (replicated), so metrics need no gathering
-            # evaluation is bucketed even in a multi-task run: a forward pass compiles quickly
-            eval_batcher = Batcher(eval_features, eval_size, pad_id=pad_id, shuffle=False,
-                                   pad_to_multiple=max(16, task.max_length // 4), max_length=task.max_length)
+            # evaluation batches come in EVAL_BUCKETS lengths, in a multi-task run too: a forward
+            # pass compiles quickly, and padding every example to max_length would cost more
+            eval_batcher = Batcher(eval_features, eval_size, pad_id=pad_id, shuffle=False, pad_to_multiple=8,
+                                   max_length=task.max_length, max_buckets=EVAL_BUCKETS)
             rng = np.random.default_rng(config.seed + 1)
             eval_batches = [_prepare(task, b, rng) for b in eval_batcher.epoch_batches(0)]
         out[task.name] = TaskData(task, train, eval_batches)
@@ -354,7 +356,6 @@ def run(config: TrainConfig) -> dict[str, float]:
     nonfinite_run = 0
     evals_without_improvement = 0
     tokens_in_window = 0
-    window_start = time.perf_counter()
     stop_reason = "reached the step budget"
     if config.eval_on_start and step == 0:
         eval_start = clock.now()
@@ -384,7 +385,8 @@ def run(config: TrainConfig) -> dict[str, float]:
             step += 1
             metrics = jax.device_get(metrics)
             timings.extra.setdefault("first_step_at", time.time())  # wall-clock time, for comparisons across processes
-            budget.record_step(data_seconds + timings.since("train", step_start + data_seconds))
+            step_seconds = data_seconds + timings.since("train", step_start + data_seconds)
+            budget.record_step(step_seconds)
             if budget.should_refit(step):
                 # the slowest process's horizon, so that every process takes the same schedule
                 new_horizon = budget.agree(int(-distributed.all_reduce_max(-float(budget.horizon(step)))))
@@ -402,14 +404,14 @@ def run(config: TrainConfig) -> dict[str, float]:
                     break
             else:
                 nonfinite_run = 0
-            window.append({k: float(v) for k, v in metrics.items()})
+            window.append({**{k: float(v) for k, v in metrics.items()}, "train/seconds_per_step": step_seconds})
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{window[-1]['train/loss']:.4f}", refresh=False)
             if step % config.log_every == 0 or step == horizon:
-                recorder.write({**_train_record(window, step, _epoch(data), tokens_in_window, window_start),
+                recorder.write({**_train_record(window, step, _epoch(data), tokens_in_window),
                                 "train/horizon": horizon})
-                window, tokens_in_window, window_start = [], 0, time.perf_counter()
+                window, tokens_in_window = [], 0
             if distributed.any_process(budget.should_evaluate(step)):
                 eval_start = clock.now()
                 last_eval = evaluate()
@@ -446,7 +448,7 @@ def run(config: TrainConfig) -> dict[str, float]:
         progress.close()
     final_start = clock.now()
     if window:  # the steps since the last log line (a run stopped by its budget or a signal)
-        recorder.write({**_train_record(window, step, _epoch(data), tokens_in_window, window_start), "train/horizon": horizon})
+        recorder.write({**_train_record(window, step, _epoch(data), tokens_in_window), "train/horizon": horizon})
     final = evaluate()
     timings.extra["final_eval_seconds"] = clock.now() - final_start
     if final:
@@ -537,13 +539,13 @@ def _estimate_eval_seconds(data: Mapping[str, TaskData], eval_steps: Mapping[str
     return total if any_eval else None
 
 
-def _train_record(window: Sequence[Mapping[str, float]], step: int, epoch: float, tokens: int,
-                  window_start: float) -> dict[str, float]:
-    """One ``metrics.jsonl`` line: the mean of each training metric over the steps of ``window``."""
-    elapsed = time.perf_counter() - window_start
+def _train_record(window: Sequence[Mapping[str, float]], step: int, epoch: float, tokens: int) -> dict[str, float]:
+    """One ``metrics.jsonl`` line: the mean of each training metric over the steps of ``window``;
+    tokens per second over the steps' own time (batches built and steps run, evaluations and
+    saves between them left out)."""
     record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-    record.update(step=step, epoch=epoch, **{"train/tokens_per_second": tokens / elapsed,
-                                             "train/seconds_per_step": elapsed / len(window)})
+    seconds = sum(w["train/seconds_per_step"] for w in window)
+    record.update(step=step, epoch=epoch, **{"train/tokens_per_second": tokens / max(seconds, 1e-9)})
     record["train/learning_rate"] = window[-1]["train/learning_rate"]
     return record
 

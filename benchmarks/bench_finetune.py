@@ -1,0 +1,294 @@
+"""Fine-tuning one checkpoint with jaxloss-train and with a plain PyTorch loop, side by side.
+
+The packaged all-MiniLM-L6-v2 is fine-tuned on WNUT-17 NER and SST-2 (from ``../shared/data``)
+by ``jaxloss-train`` and by ``benchmarks/torch_finetune.py`` (transformers' BERT classes,
+``torch.optim.AdamW``, dynamic padding), one after the other on the same machine, with the same
+hyperparameters (learning rate, batch 32, max length 128, AdamW with decay on matrices, clipping
+at 1.0, 6% warmup then linear decay, float32, the checkpoint's dropout):
+
+- ``budget``: an equal wall-clock budget (``--minutes``, 8 by default) per run;
+- ``contended``: the same while another process keeps one core busy;
+- ``epoch``: one epoch each;
+- ``floor``: one training step of each at a fixed batch shape, against its FLOPs (XLA's cost
+  analysis) and the time of its matrix products alone.
+
+Each run reports the time from launch to its first step, its steady examples per second
+(median step), its evaluation time on the dev set and its dev metric (entity F1, accuracy):
+
+    python -m benchmarks.bench_finetune                           # everything, about 90 minutes
+    python -m benchmarks.bench_finetune --parts floor             # the step against its floor
+    python -m benchmarks.bench_finetune --parts budget --tasks wnut17 --minutes 4
+
+Results merge into ``benchmarks/results/finetune.json`` (a part run again replaces its rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._harness import RESULTS_DIR, format_table, machine_info
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TASKS = {
+    "wnut17": {"task": "ner", "metric": "f1", "learning_rate": 2e-4,
+               "train": "wnut17/wnut17train.conll", "eval": "wnut17/emerging.dev.conll", "flags": []},
+    "sst2": {"task": "classify", "metric": "accuracy", "learning_rate": 1e-4,
+             "train": "sst2_sentence_level/stsa.binary.train", "eval": "sst2_sentence_level/stsa.binary.dev",
+             "flags": ["--format", "label-first"]},
+}
+COMMON = {"batch_size": 32, "max_length": 128}
+
+
+def _hog() -> subprocess.Popen:
+    """Another process that keeps one core busy."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def run_jax(key: str, shared: Path, runs: Path, *, minutes: float | None, epochs: float | None) -> dict[str, Any]:
+    spec = TASKS[key]
+    out = runs / f"jax-{key}-{'budget' if minutes else 'epoch'}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    cmd = ["jaxloss-train", spec["task"], "--model", "minilm", "--train-file", str(shared / spec["train"]),
+           "--eval-file", str(shared / spec["eval"]), *spec["flags"], "--learning-rate", str(spec["learning_rate"]),
+           "--batch-size", str(COMMON["batch_size"]), "--max-length", str(COMMON["max_length"]),
+           "--output-dir", str(out), "--no-progress", "--log-every", "10"]
+    cmd += ["--max-minutes", f"{minutes:g}", "--epochs", "1000"] if minutes else ["--epochs", f"{epochs:g}"]
+    print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    launched = time.time()
+    proc = subprocess.run([sys.executable, "-m", "train", *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
+    (runs / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"jaxloss-train failed:\n{proc.stderr[-3000:]}")
+    timing = json.loads((out / "timing.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    windows = [r["train/seconds_per_step"] for r in records if "train/seconds_per_step" in r][1:]
+    metric = f"eval/{spec['task']}/{spec['metric']}"
+    return {"framework": "jaxloss", "steps": summary["final_step"], "horizon": summary["horizon"],
+            "time_to_first_step": timing["first_step_at"] - launched,
+            "examples_per_second": COMMON["batch_size"] / float(np.median(windows)) if windows else None,
+            "eval_seconds": timing["final_eval_seconds"], "metric": summary["final"][metric],
+            "best_metric": summary["best_value"], "total_seconds": time.time() - launched,
+            "compile_seconds": timing["compile_seconds"], "command": shlex.join(cmd).replace(str(shared), "../shared/data")}
+
+
+def run_torch(key: str, shared: Path, *, minutes: float | None, epochs: float | None) -> dict[str, Any]:
+    spec = TASKS[key]
+    args = [spec["task"], "--model", "minilm", "--train-file", str(shared / spec["train"]),
+            "--eval-file", str(shared / spec["eval"]), "--learning-rate", str(spec["learning_rate"]),
+            "--batch-size", str(COMMON["batch_size"]), "--max-length", str(COMMON["max_length"])]
+    args += ["--minutes", f"{minutes:g}"] if minutes else ["--epochs", f"{epochs:g}"]
+    print("$ python -m benchmarks.torch_finetune " + shlex.join(args), file=sys.stderr, flush=True)
+    launched = time.time()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_finetune", *args], cwd=ROOT, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torch loop failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["time_to_first_step"] = result.pop("first_step_at") - launched
+    result["total_seconds"] = time.time() - launched
+    return result
+
+
+def part_runs(part: str, keys: list[str], shared: Path, runs: Path, minutes: float) -> list[dict[str, Any]]:
+    rows = []
+    for key in keys:
+        for framework in ("torch", "jaxloss"):
+            hog = _hog() if part == "contended" else None
+            try:
+                kwargs = dict(minutes=minutes, epochs=None) if part in ("budget", "contended") else dict(minutes=None, epochs=1.0)
+                result = (run_jax(key, shared, runs, **kwargs) if framework == "jaxloss"
+                          else run_torch(key, shared, **kwargs))
+            finally:
+                if hog is not None:
+                    hog.kill()
+            result.update(part=part, data=key, minutes=minutes if part != "epoch" else None)
+            print(f"  {part} {key} {framework}: {result['metric']:.4f} after {result['steps']} steps, "
+                  f"{result['examples_per_second']:.1f} ex/s, first step at {result['time_to_first_step']:.0f} s",
+                  file=sys.stderr, flush=True)
+            rows.append(result)
+    return rows
+
+
+def part_floor() -> list[dict[str, Any]]:
+    """One training step at a fixed shape, jaxloss-train's and PyTorch's, against FLOPs and products."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_finetune", "--floor-worker"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def floor_worker(batch: int = 32, length: int = 48, repeats: int = 5) -> list[dict[str, Any]]:
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+    from transformers import BertForTokenClassification
+
+    import jaxloss
+    from benchmarks._harness import time_interleaved
+    from train.models import load_pretrained
+    from train.models.sources import resolve_checkpoint
+    from train.optim import make_optimizer
+
+    folder = resolve_checkpoint("minilm")
+    labels = 13
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 30000, (batch, length)).astype(np.int32)
+    tags = rng.integers(0, labels, (batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+
+    model = load_pretrained(folder, "BertForTokenClassification", strict=False, num_labels=labels)
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = make_optimizer(weight_decay=0.01, clip_norm=1.0)
+    opt_state = optimizer.init(params)
+
+    def step(params, opt_state, rest):
+        def loss(p):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            return jaxloss.cross_entropy(m(input_ids=ids, attention_mask=mask).logits, tags)
+        grads = jax.grad(loss)(params)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, new_state = optimizer.update(grads, opt_state, params)
+            return jax.tree.map(lambda p, u: p + 5e-5 * u, params, updates), new_state
+
+    compiled = jax.jit(step).lower(params, opt_state, rest).compile()
+    flops = float(compiled.cost_analysis().get("flops", float("nan")))
+
+    # the step's matrix products alone: each dense layer's forward product and its two gradients,
+    # and the attention products (forward and backward), at the same shapes
+    cfg = model.config
+    d, ff, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+    tokens, hd = batch * length, d // heads
+    dense = [(tokens, d, d)] * 4 + [(tokens, d, ff), (tokens, ff, d)]
+    shapes = [s for s in dense for _ in range(cfg["num_hidden_layers"])] + [(tokens, d, labels)]
+
+    def products(xs, attention):
+        out = []
+        for x, w, g in xs:  # y = x w, dx = g w^T, dw = x^T g
+            out += [x @ w, g @ w.T, x.T @ g]
+        for q, k, v, p in attention:  # s = q k^T, y = p v; dq = ds k, dk = ds^T q, dp = dy v^T, dv = p^T dy
+            out += [jnp.einsum("bhtd,bhsd->bhts", q, k), jnp.einsum("bhts,bhsd->bhtd", p, v),
+                    jnp.einsum("bhts,bhsd->bhtd", p, k), jnp.einsum("bhts,bhtd->bhsd", p, q),
+                    jnp.einsum("bhtd,bhsd->bhts", q, v), jnp.einsum("bhts,bhtd->bhsd", p, q)]
+        return out
+
+    key = jax.random.key(1)
+    xs = [(jax.random.normal(key, (m, k)), jax.random.normal(key, (k, n)), jax.random.normal(key, (m, n)))
+          for m, k, n in shapes]
+    attention = [tuple(jax.random.normal(key, (batch, heads, length, hd if i < 3 else length)) for i in range(4))
+                 for _ in range(cfg["num_hidden_layers"])]
+    product_fn = jax.jit(products).lower(xs, attention).compile()
+    product_flops = float(product_fn.cost_analysis().get("flops", float("nan")))
+
+    torch.manual_seed(0)
+    reference = BertForTokenClassification.from_pretrained(folder, num_labels=labels).train()
+    torch_opt = torch.optim.AdamW(reference.parameters(), lr=5e-5, weight_decay=0.01)
+    t_ids, t_mask, t_tags = (torch.tensor(a, dtype=torch.long) for a in (ids, mask, tags))
+
+    def torch_step():
+        reference(input_ids=t_ids, attention_mask=t_mask, labels=t_tags).loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        torch_opt.step()
+        torch_opt.zero_grad(set_to_none=True)
+
+    state = {"p": params, "o": opt_state}
+
+    def jax_step():
+        state["p"], state["o"] = compiled(state["p"], state["o"], rest)
+        jax.block_until_ready(state["p"])
+
+    times = time_interleaved({"jax step": jax_step, "torch step": torch_step,
+                              "products": lambda: jax.block_until_ready(product_fn(xs, attention))}, repeats=repeats)
+    return [{"batch": batch, "length": length, "step_flops": flops, "product_flops": product_flops,
+             "jax_step_seconds": times["jax step"], "torch_step_seconds": times["torch step"],
+             "products_seconds": times["products"], "torch_threads": torch.get_num_threads()}]
+
+
+def load_results() -> dict[str, Any]:
+    path = RESULTS_DIR / "finetune.json"
+    return json.loads(path.read_text()) if path.exists() else {"runs": [], "floor": []}
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    rows = []
+    by = {(r["part"], r["data"], r["framework"]): r for r in results["runs"]}
+    for part in ("budget", "contended", "epoch"):
+        for key in TASKS:
+            j, t = by.get((part, key, "jaxloss")), by.get((part, key, "torch"))
+            if not (j and t):
+                continue
+            rows.append([part, key, TASKS[key]["metric"], f"{j['metric']:.4f}", f"{t['metric']:.4f}", j["steps"],
+                         t["steps"], f"{j['time_to_first_step']:.0f}", f"{t['time_to_first_step']:.0f}",
+                         f"{j['examples_per_second']:.1f}", f"{t['examples_per_second']:.1f}",
+                         f"{j['examples_per_second'] / t['examples_per_second']:.2f}x",
+                         f"{j['eval_seconds']:.1f}", f"{t['eval_seconds']:.1f}"])
+    if rows:
+        print(format_table(["run", "data", "metric", "jaxloss", "torch", "steps jax", "steps torch",
+                            "first step jax s", "torch s", "ex/s jax", "ex/s torch", "jax/torch", "eval jax s",
+                            "eval torch s"], rows))
+    for f in results.get("floor", []):
+        print(format_table(
+            ["batch x length", "GFLOP/step", "jax step s", "torch step s", "products s", "jax/products", "torch/jax",
+             "jax GFLOP/s"],
+            [[f"{f['batch']}x{f['length']}", f"{f['step_flops'] / 1e9:.0f}", f"{f['jax_step_seconds']:.3f}",
+              f"{f['torch_step_seconds']:.3f}", f"{f['products_seconds']:.3f}",
+              f"{f['jax_step_seconds'] / f['products_seconds']:.2f}x",
+              f"{f['torch_step_seconds'] / f['jax_step_seconds']:.2f}x",
+              f"{f['step_flops'] / f['jax_step_seconds'] / 1e9:.0f}"]]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--parts", default="floor,budget,contended,epoch")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "finetune"))
+    ap.add_argument("--floor-worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.floor_worker:
+        print(json.dumps(floor_worker()))
+        return 0
+    shared = Path(args.shared_data).resolve()
+    runs = Path(args.runs_dir).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    results = load_results()
+    keys = [k for k in args.tasks.split(",") if k]
+    for part in args.parts.split(","):
+        if part == "floor":
+            results["floor"] = part_floor()
+        else:
+            if not shared.is_dir():
+                print(f"{shared} not found: the fine-tuning runs need the full data sets", file=sys.stderr)
+                return 1
+            new = part_runs(part, keys, shared, runs, args.minutes)
+            done = {(r["part"], r["data"], r["framework"]) for r in new}
+            results["runs"] = [r for r in results["runs"] if (r["part"], r["data"], r["framework"]) not in done] + new
+        results["machine"] = machine_info()
+        results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip()
+        (RESULTS_DIR / "finetune.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_tables(results)
+    print(f"saved {os.path.relpath(RESULTS_DIR / 'finetune.json', ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
