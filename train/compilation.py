@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -141,8 +142,25 @@ class CompiledSteps:
         if key not in self.executables:
             self.executables[key] = self.jitted.lower(*args).compile()
 
+    def lower(self, key: tuple, *args: Any) -> list[tuple["CompiledSteps", tuple, Any]]:
+        """The lowered program for ``key`` (to compile with :func:`compile_all`); none if compiled."""
+        return [] if key in self.executables else [(self, key, self.jitted.lower(*args))]
+
+
     def __call__(self, key: tuple, *args: Any) -> Any:
         if key not in self.executables:
             logger.warning("%s: a batch shape that was not compiled ahead (%s); compiling it now", self.name, key)
             self.compile(key, *args)
         return self.executables[key](*args)
+
+
+def compile_all(pending: list[tuple[CompiledSteps, tuple, Any]], workers: int | None = None) -> None:
+    """Compiles lowered programs in parallel threads (XLA compiles a program on one core and
+    releases the GIL), storing each executable in its :class:`CompiledSteps`."""
+    if not pending:
+        return
+    workers = workers or min(len(pending), os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        compiled = list(pool.map(lambda item: item[2].compile(), pending))
+    for (steps, key, _), executable in zip(pending, compiled):
+        steps.executables[key] = executable

@@ -30,7 +30,7 @@ import jaxloss
 from train import distributed, sharding
 from train.budget import Budget, Clock
 from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
-from train.compilation import CompiledSteps, CompileStats, enable_compile_cache
+from train.compilation import CompiledSteps, CompileStats, compile_all, enable_compile_cache
 from train.config import TaskSpec, TrainConfig
 from train.data.batching import Batcher
 from train.modeling import build_model, build_tokenizer, checkpoint_folders, save_final_model
@@ -313,11 +313,14 @@ def run(config: TrainConfig) -> dict[str, float]:
     key = jax.random.key(config.seed)
     rates = lambda s, h: _learning_rates(config, s, h, split=new_parameters is not None)  # noqa: E731
     step_args = lambda s, h: (jnp.asarray(s, jnp.int32), jnp.asarray(rates(s, h), jnp.float32))  # noqa: E731
+    pending = []  # traced and lowered one by one, then compiled in parallel
     for batches in _shape_examples(config, data, mesh):
-        train_step.compile(_batch_signature(batches), params, log_vars, opt_state, rest, *step_args(0, horizon), batches, key)
+        pending += train_step.lower(_batch_signature(batches), params, log_vars, opt_state, rest, *step_args(0, horizon),
+                                    batches, key)
     for name, d in data.items():
         for b in _distinct_shapes(d.eval_batches):
-            eval_steps[name].compile(_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh))
+            pending += eval_steps[name].lower(_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh))
+    compile_all(pending)
     eval_estimate = _estimate_eval_seconds(data, eval_steps, params, rest, mesh, clock)
     compile_seconds = timings.since("compile", compile_start)
     stats = compile_stats.snapshot()
