@@ -52,7 +52,8 @@ def compile_cache_folder(setting: str) -> Path | None:
 def enable_compile_cache(setting: str) -> Path | None:
     """Turns JAX's persistent compilation cache on in the folder ``setting`` names (or off).
 
-    Every program that takes more than 0.2 s to compile is kept; the folder is created.
+    Every program is kept, however fast it compiled (a threshold in seconds would make what is
+    cached depend on the machine's speed and load); the folder is created.
     """
     folder = compile_cache_folder(setting)
     if folder is None:
@@ -61,7 +62,7 @@ def enable_compile_cache(setting: str) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return folder
 
