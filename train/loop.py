@@ -321,8 +321,10 @@ def run(config: TrainConfig) -> dict[str, float]:
         for b in _distinct_shapes(d.eval_batches):
             pending += eval_steps[name].lower(_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh))
     compile_all(pending)
-    eval_estimate = _estimate_eval_seconds(data, eval_steps, params, rest, mesh, clock)
     compile_seconds = timings.since("compile", compile_start)
+    estimate_start = clock.now()  # one batch of each evaluation shape, timed: eval time, not an evaluation
+    eval_estimate = _estimate_eval_seconds(data, eval_steps, params, rest, mesh, clock)
+    timings.extra["eval_estimate_seconds"] = timings.since("eval", estimate_start, count=False)
     stats = compile_stats.snapshot()
     timings.extra.update(compile_cache=str(cache_folder) if cache_folder else None, **{f"compile_{k}": v for k, v in stats.items()})
     logger.info("compiled %d train and %d eval shapes in %.1f s (%d programs, %d from the persistent cache%s)",

@@ -28,14 +28,15 @@ class Timings:
         self.counts = dict.fromkeys(self.PHASES, 0)
         self.extra: dict[str, Any] = {}
 
-    def add(self, phase: str, seconds: float) -> None:
+    def add(self, phase: str, seconds: float, *, count: bool = True) -> None:
         self.seconds[phase] += seconds
-        self.counts[phase] += 1
+        self.counts[phase] += int(count)
 
-    def since(self, phase: str, begin: float) -> float:
-        """Adds the time from ``begin`` to now to ``phase``; returns it."""
+    def since(self, phase: str, begin: float, *, count: bool = True) -> float:
+        """Adds the time from ``begin`` to now to ``phase`` (one more of it unless ``count`` is
+        False); returns it."""
         seconds = self.clock.now() - begin
-        self.add(phase, seconds)
+        self.add(phase, seconds, count=count)
         return seconds
 
     def as_dict(self) -> dict[str, Any]:
