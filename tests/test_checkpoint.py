@@ -416,3 +416,18 @@ def test_handler_in_process_and_uninstall() -> None:
             time.sleep(0.01)
         assert handler.requested and handler.received == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_preflight_names_a_read_only_folder_once(tmp_path: Path, monkeypatch) -> None:
+    """On a read-only file system writing the probe fails and so does removing it: the error
+    the user sees is the first one, naming the folder."""
+    import errno
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(ckpt, "open", read_only, raising=False)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(ckpt.CheckpointPreflightError, match=r"is not writable: Read-only file system") as info:
+        ckpt.preflight(tmp_path)
+    assert str(tmp_path) in str(info.value)

@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -135,10 +136,10 @@ def preflight(directory: str | os.PathLike, *, required_bytes: int = 0) -> Path:
             f"checkpoint folder {path} is not writable: {err.strerror or err}"
         ) from err
     finally:
-        try:
-            probe.unlink()
-        except FileNotFoundError:
-            pass
+        # on a read-only file system, removing the probe that was never written fails too:
+        # that second error must not hide the first one
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
     free = shutil.disk_usage(path).free
     if required_bytes and free < required_bytes:
         raise CheckpointPreflightError(
