@@ -218,3 +218,15 @@ def test_read_parallel_jsonl(tmp_path):
         data.read_parallel_jsonl(p, source_key="src", target_key="tgt")
     ex = data.read_parallel_jsonl(p, source_key="src", target_key="tgt", errors="skip")
     assert [(e.source_text, e.target_text) for e in ex] == [("A.", "B.")]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_utf8_byte_order_mark_is_not_data(tmp_path, gz):
+    """Editors and spreadsheets may start a UTF-8 file with a BOM: it is neither part of the
+    first column's name nor of the first token."""
+    bom = "\ufeff"
+    table = write(tmp_path, "t.csv" + (".gz" if gz else ""), bom + "text,label\nfine day,pos\n", gz=gz)
+    examples = data.read_table(table, format="csv", text_column="text", label_column="label")
+    assert [(e.text, e.label) for e in examples] == [("fine day", "pos")]
+    conll = write(tmp_path, "t.conll" + (".gz" if gz else ""), bom + "Paris\tB-loc\nrocks\tO\n", gz=gz)
+    assert data.read_conll(conll)[0].tokens == ("Paris", "rocks")

@@ -6,6 +6,7 @@ later error (an unknown label, a sequence too long) can point at the exact place
 
 from __future__ import annotations
 
+import codecs
 import collections
 import gzip
 import io
@@ -102,9 +103,13 @@ def open_text(path: PathLike, encoding: str = "utf-8") -> io.TextIOBase:
     """Open a text file for reading; a name ending in ``.gz`` is decompressed on the fly.
 
     Newlines are kept as they are in the file (``newline=""``) so that ``\\r`` inside a
-    quoted CSV field survives; readers strip line ends themselves.
+    quoted CSV field survives; readers strip line ends themselves. A UTF-8 file may start with
+    a byte-order mark (as some editors and spreadsheets write it): it is dropped, so that it
+    does not become part of the first column name or the first token.
     """
     path = os.fspath(path)
+    if codecs.lookup(encoding).name == "utf-8":
+        encoding = "utf-8-sig"  # reads plain UTF-8 the same, and drops a leading BOM
     if path.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding=encoding, newline="")
     return open(path, encoding=encoding, newline="")
