@@ -230,3 +230,19 @@ def test_a_utf8_byte_order_mark_is_not_data(tmp_path, gz):
     assert [(e.text, e.label) for e in examples] == [("fine day", "pos")]
     conll = write(tmp_path, "t.conll" + (".gz" if gz else ""), bom + "Paris\tB-loc\nrocks\tO\n", gz=gz)
     assert data.read_conll(conll)[0].tokens == ("Paris", "rocks")
+
+
+def test_undecodable_bytes_and_truncated_gzip_name_file_and_line(tmp_path):
+    latin1 = tmp_path / "latin1.conll"
+    latin1.write_bytes("Paris\tB-loc\n\nK\u00f6ln\tB-loc\n".encode("latin-1"))
+    with pytest.raises(data.DataError, match=r"latin1\.conll:3: not valid utf-8 text .*0xf6"):
+        data.read_conll(latin1)
+    table = tmp_path / "latin1.csv"
+    table.write_bytes("text,label\ncaf\u00e9,pos\n".encode("latin-1"))
+    with pytest.raises(data.DataError, match=r"latin1\.csv:\d+: not valid utf-8 text"):
+        data.read_table(table, format="csv", text_column="text", label_column="label")
+    whole = write(tmp_path, "t.conll.gz", "Paris\tB-loc\nrocks\tO\n" * 2000, gz=True)
+    cut = tmp_path / "cut.conll.gz"
+    cut.write_bytes(whole.read_bytes()[:-40])
+    with pytest.raises(data.DataError, match=r"cut\.conll\.gz:\d+: the compressed file is damaged or cut short"):
+        data.read_conll(cut)
