@@ -126,3 +126,14 @@ def test_reserve_and_minutes_left(minutes):
     budget.record_save(1.5)
     assert budget.reserve() == 3.5
     assert budget.minutes_left() == (None if minutes is None else 1.0)
+
+
+@pytest.mark.parametrize("max_steps, epochs, steps, limit", [
+    (20, 3, 15, "--epochs 3 (15 steps of 5 per epoch)"),   # the epochs end first: they are the limit
+    (12, 3, 12, "--max-steps 12"),
+    (20, None, 20, "--max-steps 20"),
+    (None, None, 5, "one epoch (5 steps)"),
+])
+def test_the_step_limit_names_the_flag_that_sets_it(max_steps, epochs, steps, limit):
+    budget = Budget(max_steps=max_steps, epochs=epochs, steps_per_epoch=5, clock=FakeClock())
+    assert (budget.total_steps, budget.step_limit) == (steps, limit)

@@ -76,6 +76,12 @@ class Budget:
         epochs_steps = math.ceil(epochs * steps_per_epoch) if epochs else None
         candidates = [s for s in (max_steps, epochs_steps) if s]
         self.total_steps = min(candidates) if candidates else steps_per_epoch
+        if max_steps and self.total_steps == max_steps:
+            self.step_limit = f"--max-steps {max_steps}"
+        elif epochs_steps:
+            self.step_limit = f"--epochs {epochs:g} ({epochs_steps} steps of {steps_per_epoch} per epoch)"
+        else:
+            self.step_limit = f"one epoch ({steps_per_epoch} steps)"
         self.seconds = 60.0 * max_minutes if max_minutes else None
         self.deadline = self.start + self.seconds if self.seconds else None
         self.eval_every = eval_every

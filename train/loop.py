@@ -361,7 +361,7 @@ def run(config: TrainConfig) -> dict[str, float]:
     nonfinite_run = 0
     evals_without_improvement = 0
     tokens_in_window = 0
-    stop_reason = "reached the step budget"
+    stop_reason = f"reached {budget.step_limit}"
     if config.eval_on_start and step == 0:
         eval_start = clock.now()
         start_metrics = evaluate()
