@@ -70,3 +70,29 @@ def test_every_field_is_a_flag_with_help():
                  "--batch-size", "--grad-accum", "--learning-rate", "--eval-every", "--log-every",
                  "--save-every", "--seed", "--mesh", "--config"):
         assert flag in help_text, flag
+
+
+def test_token_labels_all_cut_off_are_refused_naming_max_length():
+    """NER with --max-length 2: [CLS] [SEP] leave no room for a word, so no token keeps a label."""
+    from train.data import DataError
+    from train.loop import _check_labelled
+
+    cut = [{"input_ids": [101, 102], "labels": [-100, -100]}, {"input_ids": [101, 102], "labels": [-100, -100]}]
+    with pytest.raises(DataError, match=r"^train\.conll: task 'ner': no token .* --max-length 2"):
+        _check_labelled("ner", "train.conll", cut, 2)
+    _check_labelled("ner", "train.conll", cut + [{"input_ids": [101, 7, 102], "labels": [-100, 3, -100]}], 3)  # one is enough
+    _check_labelled("classify", "train.csv", [{"input_ids": [101, 102], "labels": 1}], 2)  # not a token label
+
+
+def test_a_data_error_inside_a_run_is_one_line_naming_file_and_line(tmp_path, capsys):
+    from train.cli import main
+
+    bad = tmp_path / "train.conll"
+    bad.write_bytes("Paris\tB-loc\n\nK\u00f6ln\tB-loc\n".encode("latin-1"))
+    code = main(["ner", "--train-file", str(bad), "--model-size", "micro", "--output-dir", str(tmp_path / "run"),
+                 "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1] == (f"jaxloss-train: error: {bad}:3: not valid utf-8 text (invalid start byte, byte 0xf6); "
+                       "convert the file to UTF-8")
+    assert not any("Traceback" in line for line in err)

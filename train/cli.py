@@ -82,7 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "predict":
         from train.predict import predict_file
 
-        path = predict_file(args.run_dir, args.file, output=args.output, task=args.task)
+        try:
+            path = predict_file(args.run_dir, args.file, output=args.output, task=args.task)
+        except _user_errors() as err:
+            return _one_line_error(err)
         print(f"wrote {path}")
         return 0
     try:
@@ -90,14 +93,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     from train.loop import run
-    from train.models.sources import CheckpointSourceError
 
     try:
         run(config)
-    except CheckpointSourceError as err:  # the checkpoint cannot be had: say why in one line
-        print(f"jaxloss-train: error: {err}", file=sys.stderr)
-        return 1
+    except _user_errors() as err:
+        return _one_line_error(err)
     return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors about the user's input (data, checkpoint, output folder) whose message says what
+    and where: printed in one line, without a traceback."""
+    from train.checkpoint import CheckpointPreflightError
+    from train.data import DataError
+    from train.models.sources import CheckpointSourceError
+
+    return DataError, CheckpointSourceError, CheckpointPreflightError
+
+
+def _one_line_error(err: Exception) -> int:
+    print(f"jaxloss-train: error: {err}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
 from train.compilation import CompiledSteps, CompileStats, compile_all, enable_compile_cache
 from train.config import TaskSpec, TrainConfig
 from train.data.batching import Batcher
+from train.data.records import DataError
 from train.modeling import build_model, build_tokenizer, checkpoint_folders, save_final_model
 from train.optim import learning_rate_at, make_optimizer
 from train.plots import plot_run
@@ -163,6 +164,7 @@ def _make_batchers(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, d
         train_records, eval_records = records[task.name]
         train_features = task.encode(tokenizer, train_records)
         _log_counts(task.name, "train", train_records, train_features)
+        _check_labelled(task.name, specs[task.name].train_file, train_features, task.max_length)
         # every process builds the whole global batch: per-example randomness (masked-LM
         # corruption) is then drawn once for the global batch, the same on any number of
         # processes, and each process hands its devices their rows (_device_batch)
@@ -195,6 +197,16 @@ def _check_batch_size(name: str, batch_size: int, grad_accum: int, divisor: int)
     if (batch_size // grad_accum) % divisor:
         raise ValueError(f"task {name!r}: micro-batch size {batch_size // grad_accum} (batch size / --grad-accum) is not "
                          f"divisible by the {divisor} batch shards of the mesh")
+
+
+def _check_labelled(name: str, source: str, features: Sequence[Mapping[str, Any]], max_length: int | None) -> None:
+    """Token-labelled training data (NER) in which no token keeps a label would train on
+    nothing with a loss of 0: refused with a :class:`DataError` naming the file and the flag
+    that cut the labels off."""
+    rows = [f["labels"] for f in features if isinstance(f.get("labels"), (list, tuple, np.ndarray))]
+    if rows and not any(int(label) != -100 for row in rows for label in row):
+        raise DataError(source, None, f"task {name!r}: no token keeps a label: --max-length {max_length} leaves no "
+                        "room for a word after the special tokens; raise it")
 
 
 def _log_counts(name: str, split: str, records: Any, features: Any) -> None:
