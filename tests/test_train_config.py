@@ -96,3 +96,16 @@ def test_a_data_error_inside_a_run_is_one_line_naming_file_and_line(tmp_path, ca
     assert err[-1] == (f"jaxloss-train: error: {bad}:3: not valid utf-8 text (invalid start byte, byte 0xf6); "
                        "convert the file to UTF-8")
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "-DOCSTART- -X- -X- O\n\n"])
+def test_training_data_without_examples_is_one_line_naming_the_file(tmp_path, capsys, text):
+    from train.cli import main
+
+    empty = tmp_path / "train.conll"
+    empty.write_text(text)
+    code = main(["ner", "--train-file", str(empty), "--model-size", "micro", "--output-dir", str(tmp_path / "run"),
+                 "--max-steps", "1", "--no-progress"])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"jaxloss-train: error: {empty}: holds no examples (an empty file, blank lines or -DOCSTART- lines only)")

@@ -162,6 +162,9 @@ def _make_batchers(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, d
         _check_batch_size(task.name, batch_size, config.grad_accum, divisor)
         buckets = specs[task.name].buckets or config.buckets or (1 if multi else 4)
         train_records, eval_records = records[task.name]
+        _check_not_empty(specs[task.name].train_file, train_records)
+        if eval_records is not None:
+            _check_not_empty(specs[task.name].eval_file, eval_records)
         train_features = task.encode(tokenizer, train_records)
         _log_counts(task.name, "train", train_records, train_features)
         _check_labelled(task.name, specs[task.name].train_file, train_features, task.max_length)
@@ -197,6 +200,11 @@ def _check_batch_size(name: str, batch_size: int, grad_accum: int, divisor: int)
     if (batch_size // grad_accum) % divisor:
         raise ValueError(f"task {name!r}: micro-batch size {batch_size // grad_accum} (batch size / --grad-accum) is not "
                          f"divisible by the {divisor} batch shards of the mesh")
+
+
+def _check_not_empty(source: str | None, records: Sequence[Any]) -> None:
+    if len(records) == 0:
+        raise DataError(str(source), None, "holds no examples (an empty file, blank lines or -DOCSTART- lines only)")
 
 
 def _check_labelled(name: str, source: str, features: Sequence[Mapping[str, Any]], max_length: int | None) -> None:
