@@ -307,3 +307,41 @@ def test_fine_tune_a_hugging_face_checkpoint(tmp_path):
     assert last < first
     reloaded = AutoModelForTokenClassification.from_pretrained(str(tmp_path / "run_ner" / "model"))
     assert reloaded.config.id2label[0] == "O" and reloaded.num_labels == 3  # O, B-LOC, B-PER
+
+
+def test_sigterm_saves_and_exits_143_not_0(tmp_path):
+    """A scheduler tells a stopped run from a finished one: SIGTERM saves a checkpoint and the
+    model, and the process exits 128 + 15; the same command then resumes and ends with 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "train", "classify", "--train-file", _classify_data(tmp_path, 64, 0),
+            "--output-dir", str(out), "--model-size", "micro", "--batch-size", "8", "--max-length", "32",
+            "--vocab-size", "300", "--epochs", "100000", "--log-every", "1", "--no-progress", "--compile-cache", "off"]
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([*args, "--max-steps", "100000"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        for _ in range(1200):  # until the first logged step (compiling comes first)
+            if metrics.exists() and '"train/loss"' in metrics.read_text():
+                break
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "a stop signal" and summary["stop_signal"] == signal.SIGTERM
+    assert (out / "model" / "config.json").exists() and "stopped by a signal" in stderr
+    stopped_at = summary["final_step"]
+    done = subprocess.run([*args, "--max-steps", str(stopped_at + 2)], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["final_step"] == stopped_at + 2

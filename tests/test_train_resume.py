@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_resumed_run_continues_exactly(tmp_path, monkeypatch):
     interrupted = tmp_path / "interrupted"
     with monkeypatch.context() as m:
         m.setattr(train.loop, "PreemptionHandler", lambda: _StopAfter(7))
-        assert cli_main(common + ["--output-dir", str(interrupted)]) == 0
+        assert cli_main(common + ["--output-dir", str(interrupted)]) == 128 + signal.SIGTERM  # stopped, not finished
     assert max(_losses(interrupted)) == 7
     assert cli_main(common + ["--output-dir", str(interrupted)]) == 0
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Sequence
 
 from train.config import TASKS, TrainConfig, load_yaml
@@ -98,6 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(config)
     except _user_errors() as err:
         return _one_line_error(err)
+    return _exit_status(config.output_dir)
+
+
+def _exit_status(output_dir: str) -> int:
+    """0 for a run that ended; 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)
+    for a run that a signal stopped after saving, so that a scheduler can tell the two apart."""
+    summary_path = Path(output_dir) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("stop_signal"):
+        print(f"jaxloss-train: stopped by a signal at step {summary['final_step']}, checkpoint saved; the same "
+              "command resumes it", file=sys.stderr)
+        return 128 + int(summary["stop_signal"])
     return 0
 
 

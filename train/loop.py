@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ from train.timing import Timings
 from train.tasks import TASK_CLASSES, Task
 
 logger = logging.getLogger("train")
+STOPPED_BY_SIGNAL = "a stop signal"  # summary.json's stop_reason when SIGTERM / SIGINT ended the run
 
 NONFINITE_LIMIT = 5  # consecutive skipped steps after which the run stops
 EVAL_BUCKETS = 2  # padded lengths of a task's evaluation batches (each one compiled forward pass)
@@ -461,7 +463,7 @@ def run(config: TrainConfig) -> dict[str, float]:
                 budget.record_save(timings.since("save", save_start))
             # every process must stop at the same step: agree on signals and the clock
             if distributed.any_process(preemption.requested):
-                stop_reason = "a stop signal"
+                stop_reason = STOPPED_BY_SIGNAL
                 break
             if step < horizon and distributed.any_process(budget.out_of_time()):
                 stop_reason = f"the {config.max_minutes}-minute budget ran out"
@@ -491,7 +493,8 @@ def run(config: TrainConfig) -> dict[str, float]:
     checkpoints.close()
     summary = {"final_step": step, "model_step": best_step if model_params is not params else step,
                "best_metric": best_metric, "best_value": best_value, "stop_reason": stop_reason,
-               "horizon": horizon, "final": final}
+               "horizon": horizon, "final": final,
+               "stop_signal": int(getattr(preemption, "received", None) or signal.SIGTERM) if stop_reason == STOPPED_BY_SIGNAL else None}
     if jax.process_index() == 0:
         trained = nnx.merge(eval_graphdef, model_params, rest, copy=True)
         save_final_model(trained, tasks, tokenizer, out_dir / "model")
