@@ -23,6 +23,7 @@ class _StopAfter:
     def __init__(self, n: int):
         self.n = n
         self.calls = 0
+        self.received = signal.SIGTERM  # the signal it stands for, as PreemptionHandler.received
 
     def __enter__(self):
         return self

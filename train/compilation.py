@@ -140,13 +140,11 @@ class CompiledSteps:
         self.executables: dict[tuple, Any] = {}
 
     def compile(self, key: tuple, *args: Any) -> None:
-        if key not in self.executables:
-            self.executables[key] = self.jitted.lower(*args).compile()
+        compile_all(self.lower(key, *args))
 
     def lower(self, key: tuple, *args: Any) -> list[tuple["CompiledSteps", tuple, Any]]:
         """The lowered program for ``key`` (to compile with :func:`compile_all`); none if compiled."""
         return [] if key in self.executables else [(self, key, self.jitted.lower(*args))]
-
 
     def __call__(self, key: tuple, *args: Any) -> Any:
         if key not in self.executables:

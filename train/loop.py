@@ -494,7 +494,8 @@ def run(config: TrainConfig) -> dict[str, float]:
     summary = {"final_step": step, "model_step": best_step if model_params is not params else step,
                "best_metric": best_metric, "best_value": best_value, "stop_reason": stop_reason,
                "horizon": horizon, "final": final,
-               "stop_signal": int(getattr(preemption, "received", None) or signal.SIGTERM) if stop_reason == STOPPED_BY_SIGNAL else None}
+               # the signal this process received; another process's (a multi-host stop): SIGTERM
+               "stop_signal": int(preemption.received or signal.SIGTERM) if stop_reason == STOPPED_BY_SIGNAL else None}
     if jax.process_index() == 0:
         trained = nnx.merge(eval_graphdef, model_params, rest, copy=True)
         save_final_model(trained, tasks, tokenizer, out_dir / "model")
