@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from train.cli import build_parser, resolve_config
@@ -109,3 +111,94 @@ def test_training_data_without_examples_is_one_line_naming_the_file(tmp_path, ca
     assert code == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"jaxloss-train: error: {empty}: holds no examples (an empty file, blank lines or -DOCSTART- lines only)")
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-steps", "0"), ("--epochs", "0"),
+                                         ("--max-minutes", "-1"), ("--max-length", "0"), ("--log-every", "0"),
+                                         ("--eval-every", "0"), ("--learning-rate", "-1")])
+def test_options_out_of_range_are_usage_errors_naming_the_flag(flag, value, capsys):
+    from train.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", "--train-file", "missing.csv", flag, value])
+    assert exit_info.value.code == 2
+    assert f"({flag})" in capsys.readouterr().err
+
+
+def _tiny_wordpiece(folder):
+    from train.data.tokenization import train_tokenizer
+
+    return train_tokenizer(["alpha beta gamma delta"] * 4, kind="wordpiece", vocab_size=60, save_dir=folder)
+
+
+@pytest.mark.parametrize("task, pair, need", [("classify", None, 3), ("classify", "b", 5), ("ner", None, 3),
+                                              ("lm", None, 2)])
+def test_max_length_must_leave_room_after_the_special_tokens(tmp_path, task, pair, need):
+    from train.loop import _check_room
+    from train.tasks import TASK_CLASSES
+
+    tokenizer = _tiny_wordpiece(tmp_path / "tok")
+    for length in (need - 1, need):
+        spec = TASK_CLASSES[task](name=task, train_file=None, eval_file=None, text_pair_column=pair, max_length=length)
+        if length < need:
+            with pytest.raises(ValueError, match=rf"--max-length {length} leaves no room .* at least {need}$"):
+                _check_room(spec, tokenizer, per_task=False)
+        else:
+            _check_room(spec, tokenizer, per_task=False)
+
+
+def test_max_length_1_on_a_classify_run_is_one_line_naming_the_flag(tmp_path, capsys):
+    from train.cli import main
+
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\n" + "".join(f"w{i} w{i + 1},{'ab'[i % 2]}\n" for i in range(20)))
+    code = main(["classify", "--train-file", str(data), "--model-size", "micro", "--output-dir", str(tmp_path / "run"),
+                 "--max-length", "1", "--vocab-size", "60", "--no-progress"])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "jaxloss-train: error: task 'classify': --max-length 1 leaves no room for the text after the tokenizer's "
+        "special tokens; a classify task needs a max_length of at least 3")
+
+
+@pytest.mark.parametrize("architectures, model_type, says", [
+    (["RobertaForMaskedLM"], "roberta", "model_type 'roberta' (RobertaForMaskedLM) cannot be fine-tuned for ner; "
+                                        "it needs a bert checkpoint"),
+    (["XLMRobertaModel"], "bert", "architecture 'XLMRobertaModel' is not a bert model that jaxloss has"),
+    (["GPT2LMHeadModel"], "gpt2", "model_type 'gpt2' (GPT2LMHeadModel) cannot be fine-tuned for ner; it needs a bert "
+                                  "checkpoint"),
+])
+def test_a_model_folder_of_an_unknown_architecture_is_refused_before_any_data_is_read(
+        tmp_path, capsys, architectures, model_type, says):
+    from train.cli import main
+
+    folder = tmp_path / "model"
+    _tiny_wordpiece(folder)
+    (folder / "config.json").write_text(json.dumps({"architectures": architectures, "model_type": model_type}))
+    unreadable = tmp_path / "train.conll"
+    unreadable.write_bytes(b"\xff\xfe not text\n")  # reading it would be a data error
+    code = main(["ner", "--train-file", str(unreadable), "--model", str(folder), "--output-dir", str(tmp_path / "run"),
+                 "--no-progress"])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"jaxloss-train: error: {folder / 'config.json'}: {says}" + (
+        "; bert architectures: BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification, BertModel"
+        if "is not a" in says else "")
+
+
+def test_an_unexpected_error_is_one_line_with_its_type_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import train.loop
+    from train.cli import main
+
+    def broken(config):
+        raise RuntimeError("the step went wrong")
+
+    monkeypatch.setattr(train.loop, "run", broken)
+    args = ["classify", "--train-file", "t.csv", "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err == ("jaxloss-train: error: RuntimeError: the step went wrong (--debug or JAXLOSS_DEBUG=1 shows the "
+                   "traceback)\n")
+    with pytest.raises(RuntimeError, match="the step went wrong"):
+        main(args + ["--debug"])
+    monkeypatch.setenv("JAXLOSS_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="the step went wrong"):
+        main(args)

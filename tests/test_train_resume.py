@@ -59,9 +59,15 @@ def test_resumed_run_continues_exactly(tmp_path, monkeypatch):
         m.setattr(train.loop, "PreemptionHandler", lambda: _StopAfter(7))
         assert cli_main(common + ["--output-dir", str(interrupted)]) == 128 + signal.SIGTERM  # stopped, not finished
     assert max(_losses(interrupted)) == 7
+    # a process killed (kill -9) after logging steps 8-9 and before their checkpoint was complete,
+    # its last line cut short: the resumed run starts again from step 7's checkpoint
+    with open(interrupted / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "train/loss": 99.0}\n{"step": 9, "train/loss": 99.0}\n{"step": 10, "train/lo')
     assert cli_main(common + ["--output-dir", str(interrupted)]) == 0
 
     straight, resumed = _losses(tmp_path / "straight"), _losses(interrupted)
+    train_rows = [r["step"] for r in read_metrics(interrupted) if "train/loss" in r]
+    assert train_rows == list(range(1, 17))  # one row per step: those of the killed process are gone
     assert sorted(resumed) == list(range(1, 17))
     for step in range(8, 17):
         np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-5, err_msg=f"step {step}")

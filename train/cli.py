@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import os
+import signal
 import sys
 import typing
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from train.config import TASKS, TrainConfig, load_yaml
 
@@ -32,10 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxloss-train",
         description="Train Transformer models with the jaxloss losses: classify, ner, regress, lm, mlm, seq2seq, multitask.",
+        epilog="exit status: 0 finished, 1 error (one line; --debug or JAXLOSS_DEBUG=1 for the traceback), 2 usage, "
+               "128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT; the same command resumes)",
     )
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=False, help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for task in TASKS:
-        p = sub.add_parser(task, help=f"train a {task} model", argument_default=argparse.SUPPRESS)
+        p = sub.add_parser(task, help=f"train a {task} model", argument_default=argparse.SUPPRESS, parents=[debug])
         p.add_argument("--config", help="YAML file of options; command-line flags override it")
         for field in dataclasses.fields(TrainConfig):
             if field.name in ("task", "tasks"):
@@ -47,13 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             else:
                 p.add_argument(flag, type=kind, choices=field.metadata.get("choices"), help=help_text, metavar=field.name.upper())
-    plot = sub.add_parser("plot", help="draw PNG learning curves of a run from its metrics.jsonl")
+    plot = sub.add_parser("plot", help="draw PNG learning curves of a run from its metrics.jsonl", parents=[debug])
     plot.add_argument("run_dir", help="the run's --output-dir")
-    predict = sub.add_parser("predict", help="write predictions of a trained run for a data file")
+    predict = sub.add_parser("predict", help="write predictions of a trained run for a data file, labelled or not",
+                             parents=[debug])
     predict.add_argument("run_dir", help="the run's --output-dir")
-    predict.add_argument("file", help="data file in the format the run was trained on")
+    predict.add_argument("file", help="data file in the run's format; labels are optional (tokens only for ner, "
+                                      "a text column only for classify / regress, plain lines for lm / seq2seq)")
     predict.add_argument("--output", help="where to write predictions (default: RUN_DIR/predictions.jsonl)")
     predict.add_argument("--task", help="multitask runs: which task's head to use")
+    evaluate = sub.add_parser("evaluate", help="the eval metrics of a trained run on a labelled data file",
+                              parents=[debug])
+    evaluate.add_argument("run_dir", help="the run's --output-dir")
+    evaluate.add_argument("file", help="labelled data file in the format the run was trained on")
+    evaluate.add_argument("--output", help="where to write the metrics as JSON (default: RUN_DIR/evaluation.json)")
+    evaluate.add_argument("--task", help="multitask runs: which task to evaluate")
     return parser
 
 
@@ -66,68 +78,93 @@ def resolve_config(task: str, args: argparse.Namespace) -> TrainConfig:
         if values.get("task", task) != task:
             raise ValueError(f"{config_file} is a {values['task']!r} config but the command is {task!r}")
     for key, value in vars(args).items():
-        if key not in ("command", "config"):
+        if key not in ("command", "config", "debug"):
             values[key] = value
     values["task"] = task
     return TrainConfig(**values)
 
 
+#: Exit statuses (``jaxloss-train --help`` and the README list them).
+EXIT_FINISHED, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+DEBUG_VARIABLE = "JAXLOSS_DEBUG"  # set to 1 for a traceback with every error, as --debug does
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    try:
+        return _dispatch(parser, args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("jaxloss-train: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as err:  # noqa: BLE001 - every error ends in one line unless --debug asks for the traceback
+        if debug:
+            raise
+        return _one_line_error(err)
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "plot":
         from train.plots import plot_run
 
         for path in plot_run(args.run_dir):
             print(f"wrote {path}")
-        return 0
+        return EXIT_FINISHED
     if args.command == "predict":
         from train.predict import predict_file
 
-        try:
-            path = predict_file(args.run_dir, args.file, output=args.output, task=args.task)
-        except _user_errors() as err:
-            return _one_line_error(err)
+        path = predict_file(args.run_dir, args.file, output=args.output, task=args.task)
         print(f"wrote {path}")
-        return 0
+        return EXIT_FINISHED
+    if args.command == "evaluate":
+        from train.evaluation import evaluate_file
+
+        results, path = evaluate_file(args.run_dir, args.file, output=args.output, task=args.task)
+        for name, value in sorted(results.items()):
+            print(f"{name}: {value:.4f}")
+        print(f"wrote {path}")
+        return EXIT_FINISHED
     try:
         config = resolve_config(args.command, args)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     from train.loop import run
 
-    try:
-        run(config)
-    except _user_errors() as err:
-        return _one_line_error(err)
-    return _exit_status(config.output_dir)
+    result = run(config)
+    return _exit_status(result.summary)
 
 
-def _exit_status(output_dir: str) -> int:
+def _exit_status(summary: Mapping[str, Any]) -> int:
     """0 for a run that ended; 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)
-    for a run that a signal stopped after saving, so that a scheduler can tell the two apart."""
-    summary_path = Path(output_dir) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    for a run that a signal stopped after saving, so that a scheduler can tell the two apart.
+    Every process of a multi-host run has the summary, so every one exits with the same status."""
     if summary.get("stop_signal"):
         print(f"jaxloss-train: stopped by a signal at step {summary['final_step']}, checkpoint saved; the same "
               "command resumes it", file=sys.stderr)
         return 128 + int(summary["stop_signal"])
-    return 0
+    return EXIT_FINISHED
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors about the user's input (data, checkpoint, output folder) whose message says what
-    and where: printed in one line, without a traceback."""
+    """Errors about the user's input (data, checkpoint, output folder, options) whose message
+    says what and where: printed as it is. Any other error is printed with its type."""
     from train.checkpoint import CheckpointPreflightError
     from train.data import DataError
     from train.models.sources import CheckpointSourceError
 
-    return DataError, CheckpointSourceError, CheckpointPreflightError
+    return DataError, CheckpointSourceError, CheckpointPreflightError, ValueError, FileNotFoundError
 
 
 def _one_line_error(err: Exception) -> int:
-    print(f"jaxloss-train: error: {err}", file=sys.stderr)
-    return 1
+    if isinstance(err, _user_errors()):
+        message = str(err)
+    else:  # not a known kind of bad input: the type helps a bug report
+        message = f"{type(err).__name__}: {err} (--debug or {DEBUG_VARIABLE}=1 shows the traceback)"
+    print(f"jaxloss-train: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

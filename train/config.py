@@ -123,6 +123,15 @@ class TrainConfig:
             raise ValueError(f"head_learning_rate={self.head_learning_rate} must be positive (--head-learning-rate)")
         if self.frozen_steps < 0:
             raise ValueError(f"frozen_steps={self.frozen_steps} must be at least 0 (--frozen-steps)")
+        for name in ("batch_size", "grad_accum", "log_every", "max_length", "vocab_size"):
+            _check_positive(name, getattr(self, name))
+        for name in ("max_steps", "eval_every", "save_every", "max_new_tokens", "early_stopping", "max_eval_examples"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        for name in ("epochs", "max_minutes"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}={value} must be positive (--{name.replace('_', '-')})")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 
@@ -131,6 +140,11 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name}={value} must be at least 1 (--{name.replace('_', '-')})")
 
 
 def task_spec_from_dict(entry: dict[str, Any]) -> TaskSpec:

@@ -28,16 +28,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxloss
-from train import distributed, sharding
+from train import distributed, evaluation, sharding
 from train.budget import Budget, Clock
 from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
 from train.compilation import CompiledSteps, CompileStats, compile_all, enable_compile_cache
 from train.config import TaskSpec, TrainConfig
 from train.data.batching import Batcher
 from train.data.records import DataError
-from train.modeling import build_model, build_tokenizer, checkpoint_folders, save_final_model
+from train.modeling import build_model, check_checkpoint, build_tokenizer, checkpoint_folders, save_final_model
 from train.optim import learning_rate_at, make_optimizer
 from train.plots import plot_run
+from train.progress import Progress
 from train.recorder import MetricsRecorder
 from train.step import make_eval_step, make_train_step
 from train.timing import Timings
@@ -47,7 +48,6 @@ logger = logging.getLogger("train")
 STOPPED_BY_SIGNAL = "a stop signal"  # summary.json's stop_reason when SIGTERM / SIGINT ended the run
 
 NONFINITE_LIMIT = 5  # consecutive skipped steps after which the run stops
-EVAL_BUCKETS = 2  # padded lengths of a task's evaluation batches (each one compiled forward pass)
 
 
 def task_specs(config: TrainConfig) -> list[TaskSpec]:
@@ -164,6 +164,7 @@ def _make_batchers(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, d
         _check_batch_size(task.name, batch_size, config.grad_accum, divisor)
         buckets = specs[task.name].buckets or config.buckets or (1 if multi else 4)
         train_records, eval_records = records[task.name]
+        _check_room(task, tokenizer, specs[task.name].max_length is not None)
         _check_not_empty(specs[task.name].train_file, train_records)
         if eval_records is not None:
             _check_not_empty(specs[task.name].eval_file, eval_records)
@@ -182,14 +183,11 @@ def _make_batchers(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, d
                 eval_records = eval_records[: config.max_eval_examples]
             eval_features = task.encode(tokenizer, eval_records, training=False)
             _log_counts(task.name, "eval", eval_records, eval_features)
-            eval_size = max(divisor, (batch_size // divisor) * divisor)
-            # every process evaluates whole batches (replicated), so metrics need no gathering
-            # evaluation batches come in EVAL_BUCKETS lengths, in a multi-task run too: a forward
-            # pass compiles quickly, and padding every example to max_length would cost more
-            eval_batcher = Batcher(eval_features, eval_size, pad_id=pad_id, shuffle=False, pad_to_multiple=8,
-                                   max_length=task.max_length, max_buckets=EVAL_BUCKETS)
-            rng = np.random.default_rng(config.seed + 1)
-            eval_batches = [_prepare(task, b, rng) for b in eval_batcher.epoch_batches(0)]
+            # every process evaluates whole batches (replicated), so metrics need no gathering;
+            # batches come in EVAL_BUCKETS lengths, in a multi-task run too: a forward pass compiles
+            # quickly, and padding every example to max_length would cost more
+            eval_batches = evaluation.eval_batches(task, eval_features, batch_size=evaluation.eval_batch_size(batch_size, divisor),
+                                                   pad_id=pad_id, seed=config.seed)
         out[task.name] = TaskData(task, train, eval_batches)
     return out
 
@@ -202,6 +200,16 @@ def _check_batch_size(name: str, batch_size: int, grad_accum: int, divisor: int)
     if (batch_size // grad_accum) % divisor:
         raise ValueError(f"task {name!r}: micro-batch size {batch_size // grad_accum} (batch size / --grad-accum) is not "
                          f"divisible by the {divisor} batch shards of the mesh")
+
+
+def _check_room(task: Task, tokenizer: Any, per_task: bool) -> None:
+    """A ``max_length`` that leaves no token of a text after the special tokens is refused,
+    naming the flag (or the task's ``max_length`` key), before any data is encoded."""
+    need = task.min_length(tokenizer)
+    if task.max_length < need:
+        where = f"the max_length of task {task.name!r}" if per_task else f"--max-length {task.max_length}"
+        raise ValueError(f"task {task.name!r}: {where} leaves no room for the text after the tokenizer's special "
+                         f"tokens; a {task.kind} task needs a max_length of at least {need}")
 
 
 def _check_not_empty(source: str | None, records: Sequence[Any]) -> None:
@@ -224,11 +232,6 @@ def _log_counts(name: str, split: str, records: Any, features: Any) -> None:
     notes.update(getattr(features, "counts", {}) or {})
     extra = "; ".join(f"{k}: {v}" for k, v in notes.items() if v)
     logger.info("%s %s: %d records -> %d examples%s", name, split, len(records), len(features), f" ({extra})" if extra else "")
-
-
-def _prepare(task: Task, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    prepare = getattr(task, "prepare", None)
-    return prepare(batch, rng) if prepare is not None else batch
 
 
 def _device_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, Any]:
@@ -254,8 +257,18 @@ def _batch_signature(batches: Mapping[str, Mapping[str, Any]]) -> tuple:
     return tuple((name, tuple((k, tuple(v.shape)) for k, v in sorted(b.items()))) for name, b in sorted(batches.items()))
 
 
-def run(config: TrainConfig) -> dict[str, float]:
-    """Trains as ``config`` says; returns the final evaluation metrics."""
+class RunResult(dict):
+    """The final evaluation metrics of a run (a dict, ``eval/TASK/METRIC -> value``), with
+    ``summary``: what ``summary.json`` holds (the final step, why the run stopped, the signal
+    that stopped it), on every process of a multi-host run, not only on the one that writes it."""
+
+    def __init__(self, final: Mapping[str, float], summary: Mapping[str, Any]):
+        super().__init__(final)
+        self.summary = dict(summary)
+
+
+def run(config: TrainConfig) -> RunResult:
+    """Trains as ``config`` says; returns the final evaluation metrics and the run's summary."""
     clock = Clock()
     started = clock.now()
     timings = Timings(clock, started)
@@ -273,6 +286,8 @@ def run(config: TrainConfig) -> dict[str, float]:
         )
     tasks = build_tasks(config)
     model_dir, tokenizer_dir = checkpoint_folders(config)
+    if model_dir is not None:
+        check_checkpoint(model_dir, tasks)
     records = {t.name: (t.read(t.train_file), t.read(t.eval_file) if t.eval_file else None) for t in tasks}
     saved_tasks = _load_task_state(out_dir)
     for task in tasks:
@@ -358,12 +373,9 @@ def run(config: TrainConfig) -> dict[str, float]:
     def evaluate() -> dict[str, float]:
         results = {}
         for name, d in data.items():
-            if not d.eval_batches:
-                continue
-            predictions = [jax.device_get(eval_steps[name](_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh)))
-                           for b in d.eval_batches]
-            for metric, value in d.task.metrics(predictions, d.eval_batches).items():
-                results[f"eval/{name}/{metric}"] = float(value)
+            if d.eval_batches:
+                step_fn = lambda b, n=name: eval_steps[n](_batch_signature({n: b}), params, rest, _replicated_batch(b, mesh))  # noqa: E731
+                results.update(evaluation.task_metrics(d.task, step_fn, d.eval_batches))
         return results
 
     saved_step = step if restored is not None else -1
@@ -377,8 +389,9 @@ def run(config: TrainConfig) -> dict[str, float]:
             config=config.to_dict(), metrics=dict(metrics) if metrics and best_metric in metrics else None, force=True,
         )
 
-    recorder = MetricsRecorder(out_dir, enabled=jax.process_index() == 0)
-    progress = _progress_bar(config, horizon, step)
+    recorder = MetricsRecorder(out_dir, enabled=jax.process_index() == 0,
+                               resume_step=restored.step if restored is not None else -1)
+    progress = Progress(budget, horizon, step, enabled=config.progress and jax.process_index() == 0)
     window: list[dict[str, float]] = []
     nonfinite_run = 0
     evals_without_improvement = 0
@@ -401,7 +414,7 @@ def run(config: TrainConfig) -> dict[str, float]:
             batches = {}
             for name, d in data.items():
                 host = next(d.train)
-                host = _prepare(d.task, host, np.random.default_rng([config.seed, step, len(name)]))
+                host = evaluation.prepare(d.task, host, np.random.default_rng([config.seed, step, len(name)]))
                 tokens_in_window += int(np.sum(host.get("attention_mask", host["example_mask"])))
                 batches[name] = _device_batch(host, mesh)
             data_seconds = timings.since("data", step_start)
@@ -417,11 +430,7 @@ def run(config: TrainConfig) -> dict[str, float]:
             if budget.should_refit(step):
                 # the slowest process's horizon, so that every process takes the same schedule
                 new_horizon = budget.agree(int(-distributed.all_reduce_max(-float(budget.horizon(step)))))
-                if new_horizon != horizon:
-                    horizon = new_horizon
-                    if progress is not None:
-                        progress.total = max(horizon, step)
-                        progress.refresh()
+                horizon = new_horizon
             if not bool(metrics["train/finite"]):
                 nonfinite_run += 1
                 logger.warning("step %d: loss or gradient not finite; step skipped (%d in a row)", step, nonfinite_run)
@@ -432,9 +441,7 @@ def run(config: TrainConfig) -> dict[str, float]:
             else:
                 nonfinite_run = 0
             window.append({**{k: float(v) for k, v in metrics.items()}, "train/seconds_per_step": step_seconds})
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{window[-1]['train/loss']:.4f}", refresh=False)
+            progress.step(step, horizon, window[-1]["train/loss"])
             if step % config.log_every == 0 or step == horizon:
                 recorder.write({**_train_record(window, step, _epoch(data), tokens_in_window),
                                 "train/horizon": horizon})
@@ -471,8 +478,7 @@ def run(config: TrainConfig) -> dict[str, float]:
         else:
             if budget.paced and horizon < total_steps:
                 stop_reason = f"the {config.max_minutes}-minute budget (the horizon its pace allowed)"
-    if progress is not None:
-        progress.close()
+    progress.close()
     final_start = clock.now()
     if window:  # the steps since the last log line (a run stopped by its budget or a signal)
         recorder.write({**_train_record(window, step, _epoch(data), tokens_in_window), "train/horizon": horizon})
@@ -507,7 +513,7 @@ def run(config: TrainConfig) -> dict[str, float]:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info(timings.summary())
         _print_summary(out_dir, summary)
-    return final
+    return RunResult(final, summary)
 
 
 def _learning_rates(config: TrainConfig, step: int, horizon: int, *, split: bool) -> float | list[float]:
@@ -536,7 +542,7 @@ def _path_tuple(path: Sequence[Any]) -> tuple[Any, ...]:
 
 def _shape_examples(config: TrainConfig, data: Mapping[str, TaskData], mesh: Any) -> Iterator[dict[str, Any]]:
     """One device batch per combination of the tasks' training batch shapes (what the step is compiled for)."""
-    per_task = {name: [_prepare(d.task, b, np.random.default_rng(0)) for b in d.train.shape_examples()]
+    per_task = {name: [evaluation.prepare(d.task, b, np.random.default_rng(0)) for b in d.train.shape_examples()]
                 for name, d in data.items()}
     names = list(per_task)
     for combo in itertools.product(*(per_task[n] for n in names)):
@@ -620,14 +626,6 @@ def _load_task_state(out_dir: Path) -> dict[str, Any]:
 
 def _format(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items())
-
-
-def _progress_bar(config: TrainConfig, total: int, start: int):
-    if not config.progress or jax.process_index() != 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
 def _print_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:

@@ -63,6 +63,44 @@ def checkpoint_folders(config: TrainConfig) -> tuple[Path | None, Path | None]:
     return model, tokenizer
 
 
+#: The model families (``config.json``'s ``model_type``) each kind of run fine-tunes.
+FAMILIES_FOR_RUN = {"decoder": ("gpt2", "llama"), "seq2seq": ("bart", "marian"), "encoder": ("bert",)}
+
+
+def check_checkpoint(model_dir: Path, tasks: Sequence[Task]) -> None:
+    """Refuses, before any data is read, a ``--model`` folder whose ``config.json`` is not a
+    model family this run can fine-tune, or names an architecture of no known family,
+    naming the file, what it holds and what is supported."""
+    from train.models.hf import ARCHITECTURES
+
+    path = model_dir / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--model {model_dir}: no config.json; a Hugging Face model folder holds config.json "
+                                "and model.safetensors") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    run = "decoder" if is_decoder_run(tasks) else "seq2seq" if is_seq2seq_run(tasks) else "encoder"
+    families = FAMILIES_FOR_RUN[run]
+    model_type = cfg.get("model_type")
+    named = (cfg.get("architectures") or [None])[0]
+    kinds = "+".join(t.kind for t in tasks)
+    if model_type not in families:
+        raise ValueError(f"{path}: model_type {model_type!r}{f' ({named})' if named else ''} cannot be fine-tuned "
+                         f"for {kinds}; it needs a {' or '.join(families)} checkpoint")
+    known = [a for a in ARCHITECTURES if _family(a) == model_type]
+    if named is not None and _family(named) != model_type:
+        raise ValueError(f"{path}: architecture {named!r} is not a {model_type} model that jaxloss has; "
+                         f"{model_type} architectures: {', '.join(sorted(known))}")
+
+
+def _family(architecture: str) -> str | None:
+    """``BertForMaskedLM`` -> ``bert``: the model family an architecture name belongs to."""
+    prefixes = {"Bert": "bert", "GPT2": "gpt2", "Llama": "llama", "Bart": "bart", "Marian": "marian"}
+    return next((family for prefix, family in prefixes.items() if architecture.startswith(prefix)), None)
+
+
 def build_tokenizer(config: TrainConfig, tasks: Sequence[Task], records: Mapping[str, tuple[Any, Any]], save_dir: Path,
                     source: Path | None = None) -> Any:
     """The run's tokenizer: loaded from the folder ``source``, else the run's own (resumed), else

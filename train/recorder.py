@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,9 +30,15 @@ class MetricsRecorder:
       ...     rec.write({"step": 1, "train/loss": 2.5})
       >>> json.loads(open(run + "/metrics.jsonl").read())["train/loss"]
       2.5
+
+    A resumed run passes ``resume_step``, the step its checkpoint holds: records of later steps,
+    written by the run that stopped after that checkpoint, are removed from ``metrics.jsonl``
+    and purged from TensorBoard's view (its ``purge_step``), so that every step keeps one record.
+    ``resume_step=-1`` starts both afresh.
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, enabled: bool = True,
+                 resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._file = None
@@ -39,11 +46,14 @@ class MetricsRecorder:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_metrics(self.run_dir, resume_step)
         self._file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            purge = {} if resume_step is None else {"purge_step": resume_step + 1}
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), **purge)
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Writes one record; ``record["step"]`` is the x axis in TensorBoard."""
@@ -70,6 +80,36 @@ class MetricsRecorder:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def truncate_metrics(run_dir: str | Path, last_step: int) -> int:
+    """Removes the records of steps after ``last_step`` from ``RUN_DIR/metrics.jsonl`` (the
+    file is replaced whole, never left half-written); returns how many were removed.
+
+    Example:
+      >>> import tempfile, pathlib
+      >>> run = tempfile.mkdtemp()
+      >>> _ = pathlib.Path(run, "metrics.jsonl").write_text('{"step": 10}\n{"step": 20}\n{"step": 30}\n')
+      >>> truncate_metrics(run, 20), [r["step"] for r in read_metrics(run)]
+      (1, [10, 20])
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            step = int(json.loads(line).get("step", 0))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            continue  # a line cut short by a killed process
+        if step <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        os.replace(partial, path)
+    return len(lines) - len(kept)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

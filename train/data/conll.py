@@ -82,6 +82,7 @@ def read_conll(
     delimiter: str | None = None,
     errors: Literal["raise", "skip"] = "raise",
     encoding: str = "utf-8",
+    read_tags: bool = True,
 ) -> Records[TaggedSentence]:
     """Read a column file of tagged sentences; tags come back in BIO.
 
@@ -96,6 +97,8 @@ def read_conll(
       errors: ``"raise"`` stops at the first bad line with ``DataError`` (file, line,
         reason); ``"skip"`` leaves out each sentence holding a bad line, counts it in
         ``counts`` and logs its place.
+      read_tags: False reads tokens only (input to tag: a line may hold just its token, and a
+        tag column is left unread); every tag comes back ``"O"``.
 
     Returns:
       ``Records`` of ``TaggedSentence`` (``tokens``, ``tags``, ``source``, ``line`` of
@@ -160,6 +163,10 @@ def read_conll(
                 continue
             if not tokens:
                 start = lineno
+            if not read_tags:
+                tokens.append(fields[token_column] if len(fields) > max(token_column, -token_column - 1) else line.strip())
+                tags.append("O")
+                continue
             problem = None
             if len(fields) < 2:
                 problem = f"malformed line: expected a token and a tag, got {line!r}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -21,6 +22,7 @@ import jaxloss
 from train.data.tokenization import IGNORE_INDEX
 
 Batch = Mapping[str, Array]
+logger = logging.getLogger(__name__)
 
 #: The batch fields a model reads by default.
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -71,6 +73,10 @@ class Task(abc.ABC):
     def read(self, path: str) -> Sequence[Any]:
         """The records of a data file (each with its source and line)."""
 
+    def read_inputs(self, path: str) -> Sequence[Any]:
+        """The records of a file to predict on, labelled or not (labels are not read)."""
+        return self.read(path)
+
     @abc.abstractmethod
     def texts(self, records: Sequence[Any]) -> Iterable[str]:
         """Raw texts of the records, to train a tokenizer on."""
@@ -81,6 +87,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool = True) -> list[dict[str, Any]]:
         """Features (unpadded dicts of token ids and labels); ``training=False`` for evaluation data."""
+
+    def min_length(self, tokenizer: Any) -> int:
+        """The shortest ``max_length`` that keeps a token of every text: the tokenizer's special
+        tokens (``[CLS] a [SEP] b [SEP]`` for a pair) plus one per text."""
+        pair = self.text_pair_column is not None and getattr(self, "pair_encoding", "cross") == "cross"
+        return tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
 
     # -- model --------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -125,6 +137,36 @@ class Task(abc.ABC):
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state`."""
+
+
+def evaluation_label_ids(task: str, labels: Sequence[str],
+                         found: Iterable[tuple[str, str, int | None]]) -> tuple[dict[str, int], list[str]]:
+    """Label ids for evaluation data: the trained ``labels``, then each label of ``found``
+    (``(label, file, line)``) that training never saw, with an id the model never predicts,
+    so that every example holding one counts as an error of the model. Each is logged once,
+    with the file and line where it first appears.
+
+    Example:
+      >>> ids, names = evaluation_label_ids("t", ["neg", "pos"], [("pos", "a.csv", 2), ("meh", "a.csv", 3)])
+      >>> ids, names
+      ({'neg': 0, 'pos': 1, 'meh': 2}, ['neg', 'pos', 'meh'])
+    """
+    names = list(labels)
+    label_to_id = {label: i for i, label in enumerate(names)}
+    unseen: dict[str, tuple[str, int | None, int]] = {}
+    for label, source, line in found:
+        if label in label_to_id and label not in unseen:
+            continue
+        first = unseen.get(label, (source, line, 0))
+        unseen[label] = (first[0], first[1], first[2] + 1)
+        if label not in label_to_id:
+            label_to_id[label] = len(names)
+            names.append(label)
+    for label, (source, line, count) in unseen.items():
+        logger.warning("%s%s: task %r: label %r is not one the model was trained on (%s); its %d occurrence(s) "
+                       "count as errors of the model", source, f":{line}" if line else "", task, label,
+                       ", ".join(labels), count)
+    return label_to_id, names
 
 
 def table_texts(records: Sequence[Any]) -> Iterable[str]:

@@ -10,9 +10,11 @@ import numpy as np
 
 import jaxloss
 from train import metrics
+from train.data.records import Records, TextExample
 from train.data.table import read_table
+from train.data.text import read_text
 from train.data.tokenization import encode_texts
-from train.tasks.base import Batch, Task, column, example_count, infer_format, table_texts
+from train.tasks.base import Batch, Task, column, evaluation_label_ids, example_count, infer_format, table_texts
 
 
 @dataclasses.dataclass
@@ -20,6 +22,8 @@ class ClassifyTask(Task):
     """Labels are class names; their order is learned from the training file (sorted)."""
 
     labels: list[str] = dataclasses.field(default_factory=list)
+    # evaluation: the labels, then those of the evaluation data that training never saw
+    eval_labels: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.kind = "classify"
@@ -36,6 +40,22 @@ class ClassifyTask(Task):
         header = not all(isinstance(c, int) for c in columns.values() if c is not None) if columns else True
         return read_table(path, format=fmt, header=header, label_type="str", **columns)
 
+    def read_inputs(self, path: str) -> Sequence[Any]:
+        """Texts to classify: a table's text column(s), a label column being left unread; in
+        the ``label_first`` format, plain lines, or ``label text`` lines when every line starts
+        with one of the run's labels."""
+        fmt = infer_format(path, self.format, "label_first")
+        if fmt != "label_first":
+            header = not all(isinstance(c, int) for c in (column(self.text_column), column(self.text_pair_column))
+                             if c is not None)
+            return read_table(path, format=fmt, header=header, text_column=column(self.text_column),
+                              text_pair_column=column(self.text_pair_column), label_column=None)
+        lines = read_text(path, unit="line")
+        split = [line.text.split(None, 1) for line in lines]
+        labelled = all(len(parts) == 2 and parts[0] in self.labels for parts in split)
+        return Records(TextExample(parts[1] if labelled else line.text, None, None, line.source, line.line)
+                       for line, parts in zip(lines, split))
+
     def texts(self, records: Sequence[Any]) -> Iterable[str]:
         return table_texts(records)
 
@@ -47,6 +67,9 @@ class ClassifyTask(Task):
 
     def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool = True) -> list[dict[str, Any]]:
         label_to_id = {label: i for i, label in enumerate(self.labels)}
+        if not training:
+            found = ((str(r.label), r.source, r.line) for r in records if r.label is not None)
+            label_to_id, self.eval_labels = evaluation_label_ids(self.name, self.labels, found)
         return encode_texts(tokenizer, records, max_length=self.max_length, label_to_id=label_to_id)
 
     def head(self) -> tuple[str, int]:
@@ -66,7 +89,8 @@ class ClassifyTask(Task):
 
     def metrics(self, predictions: list[dict[str, np.ndarray]], batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
         pred, gold = _gather_rows(predictions, batches, "prediction", "labels")
-        return {"accuracy": metrics.accuracy(pred, gold), "macro_f1": metrics.macro_f1(pred, gold, classes=list(range(len(self.labels))))}
+        classes = list(range(max(len(self.labels), len(self.eval_labels))))  # a class never trained on scores 0
+        return {"accuracy": metrics.accuracy(pred, gold), "macro_f1": metrics.macro_f1(pred, gold, classes=classes)}
 
     def state(self) -> dict[str, Any]:
         return {"labels": list(self.labels)}

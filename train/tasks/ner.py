@@ -12,7 +12,7 @@ import jaxloss
 from train import metrics
 from train.data.conll import read_conll
 from train.data.tokenization import encode_tagged
-from train.tasks.base import Batch, Task, token_count
+from train.tasks.base import Batch, Task, evaluation_label_ids, token_count
 
 
 @dataclasses.dataclass
@@ -21,6 +21,8 @@ class NerTask(Task):
 
     labels: list[str] = dataclasses.field(default_factory=list)
     label_all_subwords: bool = False
+    # evaluation: the tags, then those of the evaluation data that training never saw
+    eval_labels: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.kind = "ner"
@@ -30,6 +32,10 @@ class NerTask(Task):
     def read(self, path: str) -> Sequence[Any]:
         scheme = self.format if self.format in ("iob1", "iobes", "bio") else "bio"
         return read_conll(path, scheme=scheme)
+
+    def read_inputs(self, path: str) -> Sequence[Any]:
+        """Sentences to tag: one token per line (a tag column, if any, is not read)."""
+        return read_conll(path, read_tags=False)
 
     def texts(self, records: Sequence[Any]) -> Iterable[str]:
         for r in records:
@@ -44,6 +50,9 @@ class NerTask(Task):
     def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool = True) -> list[dict[str, Any]]:
         """Features; evaluation always labels first subwords only, so scores are per word."""
         label_to_id = {label: i for i, label in enumerate(self.labels)}
+        if not training:
+            found = ((tag, r.source, r.line + i) for r in records for i, tag in enumerate(r.tags))
+            label_to_id, self.eval_labels = evaluation_label_ids(self.name, self.labels, found)
         return encode_tagged(
             tokenizer, records, label_to_id, max_length=self.max_length,
             label_all_subwords=self.label_all_subwords and training,
@@ -67,7 +76,8 @@ class NerTask(Task):
         true_tags, pred_tags = [], []
         for p, b in zip(predictions, batches):
             keep = np.asarray(b["example_mask"], bool)
-            t, q = metrics.decode_tags(np.asarray(p["prediction"])[keep], np.asarray(b["labels"])[keep], self.labels)
+            t, q = metrics.decode_tags(np.asarray(p["prediction"])[keep], np.asarray(b["labels"])[keep],
+                                       self.eval_labels or self.labels)
             true_tags += t
             pred_tags += q
         scores = metrics.ner_scores(true_tags, pred_tags)

@@ -56,6 +56,14 @@ class RegressTask(Task):
         header = not all(isinstance(c, int) for c in columns.values() if c is not None)
         return read_table(path, format=fmt, header=header, label_type="float", **columns)
 
+    def read_inputs(self, path: str) -> Sequence[Any]:
+        """Texts (or pairs) to score: the text column(s); a score column is left unread."""
+        fmt = infer_format(path, self.format, "tsv")
+        header = not all(isinstance(c, int) for c in (column(self.text_column), column(self.text_pair_column))
+                         if c is not None)
+        return read_table(path, format=fmt, header=header, text_column=column(self.text_column),
+                          text_pair_column=column(self.text_pair_column), label_column=None)
+
     def texts(self, records: Sequence[Any]) -> Iterable[str]:
         return table_texts(records)
 

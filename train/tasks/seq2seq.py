@@ -160,6 +160,10 @@ class Seq2SeqTask(Task):
         return with_eos(tokenizer(text, verbose=False)["input_ids"], tokenizer.eos_token_id, self.max_length)
 
     # -- model --------------------------------------------------------------------------------
+    def min_length(self, tokenizer: Any) -> int:
+        """A source and a target of one token each before the end-of-sequence token."""
+        return 2
+
     def head(self) -> tuple[str, int]:
         return ("seq2seq_lm", 0)
 

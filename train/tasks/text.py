@@ -21,5 +21,14 @@ class TextTask(Task):
     def read(self, path: str) -> Sequence[Any]:
         return read_text(path, unit="paragraph")
 
+    def read_inputs(self, path: str) -> Sequence[Any]:
+        """Texts to score: each non-blank line."""
+        return read_text(path, unit="line")
+
     def texts(self, records: Sequence[Any]) -> Iterable[str]:
         return (r.text for r in records)
+
+    def min_length(self, tokenizer: Any) -> int:
+        """Blocks of text without special tokens: two tokens, one to predict from the other
+        (a masked LM's block needs two as well, as one masked token would leave no context)."""
+        return 2
