@@ -215,5 +215,74 @@ def first_loss_float64() -> float:
     return float(nll[counted].mean())
 
 
+def cluster_worker() -> None:
+    """Started as SLURM's srun would start it: no flags, the job in SLURM_* variables."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 2)
+    from train import distributed
+
+    assert distributed.initialize(timeout_s=40)
+    agreed = distributed.all_reduce_max(10 + jax.process_index())
+    print("RESULT " + json.dumps({"index": jax.process_index(), "count": jax.process_count(),
+                                  "devices": len(jax.devices()), "agreed": agreed}), flush=True)
+
+
+def free_port_in(low: int, high: int) -> int:
+    """A port in ``[low, high]`` that nothing listens on now."""
+    for port in np.random.default_rng().permutation(np.arange(low, high + 1)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError(f"no free port in [{low}, {high}]")
+
+
+def test_processes_started_by_slurm_connect_without_flags() -> None:
+    """jax.distributed.initialize() finds the job in SLURM's variables: the coordinator on the
+    first node of SLURM_STEP_NODELIST, at a port derived from SLURM_JOB_ID."""
+    low = 65535 - 2**12 + 1
+    job_id = free_port_in(low, 65535) - low  # the port JAX derives: job_id % 4096 + low
+    procs = []
+    for i in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
+        env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+                   SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                   SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1")
+        procs.append(subprocess.Popen([sys.executable, __file__, "cluster"], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=90)
+            assert proc.returncode == 0, out[-3000:]
+            results.append(json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert results == [{"index": i, "count": 2, "devices": 4, "agreed": 11} for i in range(2)]
+
+
+def test_a_cluster_is_detected_from_its_variables_and_flags_still_win(monkeypatch) -> None:
+    from train import distributed
+
+    assert distributed.detect_cluster({}) is None
+    assert distributed.detect_cluster({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "8"}) == ("Open MPI", 8)
+    assert distributed.detect_cluster({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) is None
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    # explicit flags (here: one process) win over the cluster's variables: nothing to connect
+    assert distributed.initialize(num_processes=1) is False
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
+    assert distributed.initialize() is False
+
+
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    if sys.argv[1] == "cluster":
+        cluster_worker()
+    else:
+        worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -256,6 +256,8 @@ def test_eight_devices_match_one(runs, mesh):
 
 
 def test_two_processes_match_one(runs):
+    started = [r for r in _records(runs["2 processes"]) if "run/process_count" in r]
+    assert [(r["run/process_count"], r["run/device_count"], r["run/local_device_count"]) for r in started] == [(2, 8, 4)]
     _assert_same_steps(runs["2 processes"], runs["reference"], range(1, STEPS + 1))
     _assert_same_parameters(runs["2 processes"], runs["reference"])
     _assert_same_eval(runs["2 processes"], runs["reference"])

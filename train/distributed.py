@@ -38,6 +38,40 @@ ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
+#: Clusters whose launchers start one process per host (or per task) and describe the job in
+#: environment variables, which ``jax.distributed.initialize()`` reads by itself: the
+#: variable that marks each and the one that holds the number of processes.
+CLUSTERS: dict[str, tuple[str, str]] = {
+    "SLURM": ("SLURM_JOB_ID", "SLURM_NTASKS"),
+    "Open MPI": ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE"),
+    "Open MPI (PRRTE)": ("PRTE_LAUNCHED", "OMPI_COMM_WORLD_SIZE"),
+    "a Cloud TPU pod slice": ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_HOSTNAMES"),
+}
+
+
+def detect_cluster(env: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """The cluster this process was started by, and its number of processes, when there are
+    several; ``None`` otherwise (one process, or no known cluster).
+
+    Example:
+      >>> detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
+      ('SLURM', 4)
+      >>> detect_cluster({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1"})
+      ('a Cloud TPU pod slice', 2)
+      >>> detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None   # one task: nothing to connect
+      True
+    """
+    env = os.environ if env is None else env
+    for name, (marker, count_variable) in CLUSTERS.items():
+        if marker not in env or count_variable not in env:
+            continue
+        text = env[count_variable]
+        count = len([h for h in text.split(",") if h.strip()]) if count_variable == "TPU_WORKER_HOSTNAMES" else int(text)
+        if count > 1:
+            return name, count
+    return None
+
+
 @dataclass(frozen=True)
 class ProcessConfig:
     """Where the coordinator is, how many processes there are, and which one this is."""
@@ -109,16 +143,28 @@ def initialize(
     """Connects this process to the others; a no-op (returns ``False``) for a single process.
 
     Must run before anything touches a device. Arguments override the environment
-    (:func:`resolve_config`). On CPU the gloo collectives are selected so that jitted
-    programs over a cross-process mesh can all-reduce. Calling it again is harmless.
+    (:func:`resolve_config`). Without either, a process started by a cluster launcher
+    (:func:`detect_cluster`: SLURM's ``srun``, Open MPI's ``mpirun``, a Cloud TPU pod slice)
+    joins the others as ``jax.distributed.initialize()`` finds them from the launcher's
+    environment. On CPU the gloo collectives are selected so that jitted programs over a
+    cross-process mesh can all-reduce. Calling it again is harmless.
 
     Returns:
       ``True`` when running as one of several connected processes.
     """
+    if jax.distributed.is_initialized():
+        return True
     config = resolve_config(coordinator_address, num_processes, process_id)
     if not config.multi_process:
-        return False
-    if jax.distributed.is_initialized():
+        explicit = any(v is not None for v in (coordinator_address, num_processes, process_id)) or any(
+            os.environ.get(name) for name in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID))
+        cluster = None if explicit else detect_cluster()
+        if cluster is None:
+            return False
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(local_device_ids=None if local_device_ids is None else list(local_device_ids),
+                                   initialization_timeout=timeout_s)
+        logger.info("process %d of %d, started by %s, connected", jax.process_index(), jax.process_count(), cluster[0])
         return True
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(

@@ -278,6 +278,8 @@ def run(config: TrainConfig) -> RunResult:
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
     out_dir = preflight(config.output_dir)
     mesh = sharding.make_mesh(config.mesh)
+    logger.info("process %d of %d: %d of %d devices (%s); mesh %s", jax.process_index(), jax.process_count(),
+                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform, dict(mesh.shape))
     divisor = sharding.batch_divisor(mesh)
     if (config.batch_size // config.grad_accum) % divisor:
         raise ValueError(
@@ -391,6 +393,9 @@ def run(config: TrainConfig) -> RunResult:
 
     recorder = MetricsRecorder(out_dir, enabled=jax.process_index() == 0,
                                resume_step=restored.step if restored is not None else -1)
+    recorder.write({"step": step, "run/process_count": jax.process_count(), "run/device_count": jax.device_count(),
+                    "run/local_device_count": jax.local_device_count(), "run/platform": jax.devices()[0].platform,
+                    "run/mesh": dict(mesh.shape)})
     progress = Progress(budget, horizon, step, enabled=config.progress and jax.process_index() == 0)
     window: list[dict[str, float]] = []
     nonfinite_run = 0

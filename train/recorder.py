@@ -24,11 +24,11 @@ class MetricsRecorder:
     """Appends records to ``RUN_DIR/metrics.jsonl`` and mirrors numbers to TensorBoard event files.
 
     Example:
-      >>> import tempfile, json
+      >>> import tempfile
       >>> run = tempfile.mkdtemp()
       >>> with MetricsRecorder(run, tensorboard=False) as rec:
       ...     rec.write({"step": 1, "train/loss": 2.5})
-      >>> json.loads(open(run + "/metrics.jsonl").read())["train/loss"]
+      >>> read_metrics(run)[0]["train/loss"]
       2.5
 
     A resumed run passes ``resume_step``, the step its checkpoint holds: records of later steps,
@@ -89,7 +89,7 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> int:
     Example:
       >>> import tempfile, pathlib
       >>> run = tempfile.mkdtemp()
-      >>> _ = pathlib.Path(run, "metrics.jsonl").write_text('{"step": 10}\n{"step": 20}\n{"step": 30}\n')
+      >>> _ = pathlib.Path(run, "metrics.jsonl").write_text('{"step": 10}\\n{"step": 20}\\n{"step": 30}\\n')
       >>> truncate_metrics(run, 20), [r["step"] for r in read_metrics(run)]
       (1, [10, 20])
     """
