@@ -90,7 +90,9 @@ class TrainConfig:
     weight_decay: float = _field(0.01, "AdamW weight decay (not applied to biases, norms)")
     clip_norm: float = _field(1.0, "clip gradients to this global norm (0: off)")
     label_smoothing: float = _field(0.0, "label smoothing of classification and seq2seq losses")
-    dtype: str = _field("float32", "compute dtype: float32 | bfloat16 (parameters stay float32)", choices=("float32", "bfloat16"))
+    dtype: str = _field("float32", "compute dtype: float32 | bfloat16 (parameters keep --param-dtype)", choices=("float32", "bfloat16"))
+    param_dtype: str = _field("float32", "storage dtype of the parameters: float32 | bfloat16 (half the memory of parameters and gradients; AdamW's moments stay float32)", choices=("float32", "bfloat16"))
+    remat: str = _field("none", "recompute each layer in the backward pass instead of keeping its activations: none | full (keep only layer inputs) | dots (keep the results of the projections and MLP)", choices=("none", "full", "dots"))
     seed: int = _field(0, "seed of initialization, dropout and data order")
     # evaluation, logging, saving
     eval_every: Optional[int] = _field(None, "evaluate every N steps (default: 5 times per run)")

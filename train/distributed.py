@@ -243,6 +243,19 @@ def any_process(flag: bool) -> bool:
     return bool(all_reduce_max(int(bool(flag))))
 
 
+def any_of(flags: Sequence[bool]) -> list[bool]:
+    """Each of ``flags`` true on every process when it is true on at least one, settled with
+    one collective for all of them.
+
+    >>> any_of([True, False])
+    [True, False]
+    """
+    if jax.process_count() == 1:
+        return [bool(f) for f in flags]
+    gathered = multihost_utils.process_allgather(np.asarray([int(bool(f)) for f in flags], np.int32))
+    return [bool(v) for v in np.max(np.asarray(gathered).reshape(-1, len(flags)), axis=0)]
+
+
 def assert_same_everywhere(value: object, what: str) -> None:
     """Raises ``RuntimeError`` when processes hold different ``value`` s (a config hash, a step)."""
     if jax.process_count() == 1:

@@ -38,6 +38,7 @@ from train.data.records import DataError
 from train.modeling import build_model, check_checkpoint, build_tokenizer, checkpoint_folders, save_final_model
 from train.optim import learning_rate_at, make_optimizer
 from train.plots import plot_run
+from train.prefetch import Item, Prefetcher
 from train.progress import Progress
 from train.recorder import MetricsRecorder
 from train.step import make_eval_step, make_train_step
@@ -48,6 +49,7 @@ logger = logging.getLogger("train")
 STOPPED_BY_SIGNAL = "a stop signal"  # summary.json's stop_reason when SIGTERM / SIGINT ended the run
 
 NONFINITE_LIMIT = 5  # consecutive skipped steps after which the run stops
+IN_FLIGHT = 2  # steps the host dispatches ahead of the devices
 
 
 def task_specs(config: TrainConfig) -> list[TaskSpec]:
@@ -382,12 +384,12 @@ def run(config: TrainConfig) -> RunResult:
 
     saved_step = step if restored is not None else -1
 
-    def save(metrics: Mapping[str, float] | None = None) -> None:
+    def save(data_position: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
         nonlocal saved_step
         saved_step = step
         checkpoints.save(
             step, (params, log_vars, opt_state),
-            data_position={n: d.train.state() for n, d in data.items()},
+            data_position=dict(data_position),
             config=config.to_dict(), metrics=dict(metrics) if metrics and best_metric in metrics else None, force=True,
         )
 
@@ -413,50 +415,78 @@ def run(config: TrainConfig) -> RunResult:
         logger.info("the %g-minute budget: %.0f s used by setup and compiling; one evaluation takes about %.1f s, "
                     "%d planned before the final one", config.max_minutes, clock.now() - started,
                     budget.eval_seconds or 0.0, budget.evals_left())
-    with PreemptionHandler() as preemption:
+    positions = {n: d.train.state() for n, d in data.items()}  # after the last step run (what a save records)
+
+    def make_item(for_step: int) -> Item:  # in the data thread
+        batches, next_positions, tokens = {}, {}, 0
+        for name, d in data.items():
+            host = evaluation.prepare(d.task, next(d.train), np.random.default_rng([config.seed, for_step, len(name)]))
+            tokens += int(np.sum(host.get("attention_mask", host["example_mask"])))
+            batches[name] = _device_batch(host, mesh)
+            next_positions[name] = d.train.state()
+        return Item(for_step, batches, next_positions, tokens)
+
+    # The host never waits for a step's results inside the loop: metrics stay on the devices
+    # until a log line (one transfer for the window), and the host runs at most IN_FLIGHT steps
+    # ahead of the devices (waiting for an older step to finish, which transfers nothing), so
+    # its clock tracks the devices' for the budget (tests/test_host_sync.py counts the transfers).
+    in_flight: collections.deque[Any] = collections.deque()
+    pending: list[tuple[int, Any, float]] = []  # (step, metrics on the devices, seconds) since the last log line
+    single = jax.process_count() == 1
+    with PreemptionHandler() as preemption, Prefetcher(make_item, step) as prefetcher:
         while step < horizon:
             step_start = clock.now()
-            batches = {}
-            for name, d in data.items():
-                host = next(d.train)
-                host = evaluation.prepare(d.task, host, np.random.default_rng([config.seed, step, len(name)]))
-                tokens_in_window += int(np.sum(host.get("attention_mask", host["example_mask"])))
-                batches[name] = _device_batch(host, mesh)
+            if len(in_flight) >= IN_FLIGHT:
+                jax.block_until_ready(in_flight.popleft())
+            item = prefetcher.next()
             data_seconds = timings.since("data", step_start)
             params, log_vars, opt_state, metrics = train_step(
-                _batch_signature(batches), params, log_vars, opt_state, rest, *step_args(step, horizon),
-                batches, jax.random.fold_in(key, step)
+                _batch_signature(item.batches), params, log_vars, opt_state, rest, *step_args(step, horizon),
+                item.batches, jax.random.fold_in(key, step)
             )
             step += 1
-            metrics = jax.device_get(metrics)
+            positions = item.positions
+            tokens_in_window += item.tokens
+            in_flight.append(metrics["train/loss"])
             timings.extra.setdefault("first_step_at", time.time())  # wall-clock time, for comparisons across processes
             step_seconds = data_seconds + timings.since("train", step_start + data_seconds)
             budget.record_step(step_seconds)
-            if budget.should_refit(step):
+            pending.append((step, metrics, step_seconds))
+            progress.step(step, horizon)
+            # several processes settle what to do (evaluate, stop, the horizon) together, at log steps
+            agree_now = single or step % config.log_every == 0 or step == horizon
+            if agree_now and budget.should_refit(step):
                 # the slowest process's horizon, so that every process takes the same schedule
-                new_horizon = budget.agree(int(-distributed.all_reduce_max(-float(budget.horizon(step)))))
-                horizon = new_horizon
-            if not bool(metrics["train/finite"]):
-                nonfinite_run += 1
-                logger.warning("step %d: loss or gradient not finite; step skipped (%d in a row)", step, nonfinite_run)
-                if nonfinite_run >= NONFINITE_LIMIT:
+                horizon = budget.agree(int(-distributed.all_reduce_max(-float(budget.horizon(step)))))
+            evaluate_now, signalled, out_of_time = distributed.any_of(
+                [budget.should_evaluate(step), preemption.requested, step < horizon and budget.out_of_time()]
+            ) if agree_now else (False, False, False)
+            if step % config.log_every == 0 or step == horizon or evaluate_now or signalled or out_of_time:
+                fetched = jax.device_get([m for _, m, _ in pending])
+                nonfinite_limit_hit = False
+                for (at, _, seconds), values in zip(pending, fetched):
+                    window.append({**{k: float(v) for k, v in values.items()}, "train/seconds_per_step": seconds})
+                    nonfinite_run = 0 if values["train/finite"] else nonfinite_run + 1
+                    nonfinite_limit_hit |= nonfinite_run >= NONFINITE_LIMIT
+                    if nonfinite_run:
+                        logger.warning("step %d: loss or gradient not finite; step skipped (%d in a row)", at,
+                                       nonfinite_run)
+                pending = []
+                progress.step(step, horizon, window[-1]["train/loss"])
+                if nonfinite_limit_hit:
                     stop_reason = (f"{NONFINITE_LIMIT} steps in a row had a non-finite loss or gradient; "
                                    "the checkpoint holds the last good parameters")
                     break
-            else:
-                nonfinite_run = 0
-            window.append({**{k: float(v) for k, v in metrics.items()}, "train/seconds_per_step": step_seconds})
-            progress.step(step, horizon, window[-1]["train/loss"])
             if step % config.log_every == 0 or step == horizon:
-                recorder.write({**_train_record(window, step, _epoch(data), tokens_in_window),
+                recorder.write({**_train_record(window, step, _epoch(data, positions), tokens_in_window),
                                 "train/horizon": horizon})
                 window, tokens_in_window = [], 0
-            if distributed.any_process(budget.should_evaluate(step)):
+            if evaluate_now:
                 eval_start = clock.now()
                 last_eval = evaluate()
                 budget.record_eval(timings.since("eval", eval_start))
                 if last_eval:
-                    recorder.write({"step": step, "epoch": _epoch(data), **last_eval})
+                    recorder.write({"step": step, "epoch": _epoch(data, positions), **last_eval})
                     logger.info("step %d: %s", step, _format(last_eval))
                     if _improved(last_eval.get(best_metric), best_value, greater):
                         best_step, best_value = step, last_eval[best_metric]
@@ -464,37 +494,41 @@ def run(config: TrainConfig) -> RunResult:
                     else:
                         evals_without_improvement += 1
                 save_start = clock.now()
-                save(metrics=last_eval)
+                save(positions, metrics=last_eval)
                 budget.record_save(timings.since("save", save_start))
                 if config.early_stopping and evals_without_improvement >= config.early_stopping:
                     stop_reason = f"no improvement of {best_metric} in {config.early_stopping} evaluations"
                     break
             elif checkpoints.should_save(step):
                 save_start = clock.now()
-                save()
+                save(positions)
                 budget.record_save(timings.since("save", save_start))
-            # every process must stop at the same step: agree on signals and the clock
-            if distributed.any_process(preemption.requested):
+            # every process stops at the same step: signals and the clock were agreed on above
+            if signalled:
                 stop_reason = STOPPED_BY_SIGNAL
                 break
-            if step < horizon and distributed.any_process(budget.out_of_time()):
+            if out_of_time:
                 stop_reason = f"the {config.max_minutes}-minute budget ran out"
                 break
         else:
             if budget.paced and horizon < total_steps:
                 stop_reason = f"the {config.max_minutes}-minute budget (the horizon its pace allowed)"
+    if pending:  # a loop left by a break before its steps' metrics were fetched
+        for (at, _, seconds), values in zip(pending, jax.device_get([m for _, m, _ in pending])):
+            window.append({**{k: float(v) for k, v in values.items()}, "train/seconds_per_step": seconds})
     progress.close()
     final_start = clock.now()
     if window:  # the steps since the last log line (a run stopped by its budget or a signal)
-        recorder.write({**_train_record(window, step, _epoch(data), tokens_in_window), "train/horizon": horizon})
+        recorder.write({**_train_record(window, step, _epoch(data, positions), tokens_in_window),
+                        "train/horizon": horizon})
     final = evaluate()
     timings.extra["final_eval_seconds"] = clock.now() - final_start
     if final:
-        recorder.write({"step": step, "epoch": _epoch(data), **final})
+        recorder.write({"step": step, "epoch": _epoch(data, positions), **final})
         if _improved(final.get(best_metric), best_value, greater) or best_step is None:
             best_step, best_value = step, final.get(best_metric)
     if saved_step != step:
-        save(metrics=final)
+        save(positions, metrics=final)
     checkpoints.wait()
     model_params = params
     if best_step is not None and best_step != step and best_step in checkpoints.steps():
@@ -590,9 +624,10 @@ def _train_record(window: Sequence[Mapping[str, float]], step: int, epoch: float
     return record
 
 
-def _epoch(data: Mapping[str, TaskData]) -> float:
-    first = next(iter(data.values())).train
-    state = first.state()
+def _epoch(data: Mapping[str, TaskData], positions: Mapping[str, Mapping[str, int]]) -> float:
+    """The epochs of the first task's data that the steps run so far have read."""
+    name, task_data = next(iter(data.items()))
+    first, state = task_data.train, positions[name]
     per_epoch = max(1, len(first.epoch_plan(state["epoch"])))
     return round(state["epoch"] + state["index"] / per_epoch, 4)
 

@@ -176,14 +176,14 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
     (its new heads; None for a model trained from scratch): loaded from the checkpoint folder
     ``model_dir`` on the host, else created sharded on ``mesh`` at ``--model-size``."""
     vocab_size = len(tokenizer)
-    runtime = dict(dtype=config.dtype, seed=config.seed)
+    runtime = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat, seed=config.seed)
 
     def load() -> tuple[nnx.Module, set[tuple[Any, ...]]]:
         if is_shared_trunk_run(tasks):
             from train.models import load_multitask
 
             heads = {t.name: t.head() for t in tasks}
-            model, report = load_multitask(model_dir, heads, dtype=config.dtype, seed=config.seed, with_report=True)
+            model, report = load_multitask(model_dir, heads, **runtime, with_report=True)
         else:
             task = tasks[0]
             arch = None if task.kind in ("lm", "seq2seq") else ENCODER_ARCHITECTURE[task.kind]
@@ -196,7 +196,8 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
         if is_shared_trunk_run(tasks):
             cfg = _encoder_config(config, vocab_size)
             heads = {t.name: t.head() for t in tasks}
-            return BertMultiTask(cfg, heads, Runtime(config.dtype), rngs=nnx.Rngs(config.seed))
+            return BertMultiTask(cfg, heads, Runtime(config.dtype, config.param_dtype, config.remat),
+                                 rngs=nnx.Rngs(config.seed))
         task = tasks[0]
         if task.kind == "lm":
             return from_config(_decoder_config(config, vocab_size, tokenizer), "GPT2LMHeadModel", **runtime)

@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -65,5 +66,31 @@ def make_optimizer(
     (:func:`learning_rate_at`), which equals AdamW with that schedule."""
     adamw = optax.adamw(1.0, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     if clip_norm and clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
-    return adamw
+        return in_float32(optax.chain(optax.clip_by_global_norm(clip_norm), adamw))
+    return in_float32(adamw)
+
+
+def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` computed in float32 whatever the parameters' dtype: its state (AdamW's
+    moments) is float32, gradients and parameters are read as float32, and the updates come
+    out float32 (``optax.apply_updates`` adds them in float32 and rounds the sum to the
+    parameter's dtype once). With bfloat16 parameters, moments and updates in bfloat16 would
+    lose every update smaller than a parameter's last bit; for float32 parameters nothing changes.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> opt = in_float32(optax.adam(1e-3))
+      >>> state = opt.init({"w": jnp.ones(2, jnp.bfloat16)})
+      >>> state[0].mu["w"].dtype
+      dtype('float32')
+    """
+    def as_float32(tree: Any) -> Any:
+        return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params: Any) -> Any:
+        return inner.init(as_float32(params))
+
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        return inner.update(as_float32(updates), state, None if params is None else as_float32(params), **extra)
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -26,6 +26,7 @@ class Progress:
     def __init__(self, budget: Budget, horizon: int, step: int, *, enabled: bool = True):
         self.budget = budget
         self.horizon = horizon
+        self.loss: float | None = None
         self.bar: Any = None
         if not enabled:
             return
@@ -43,17 +44,21 @@ class Progress:
     def _elapsed(self) -> float:
         return self.budget.clock.now() - self.budget.start
 
-    def step(self, step: int, horizon: int, loss: float) -> None:
-        """After ``step``: advances the bar and shows the loss (and, on a budget, the horizon)."""
+    def step(self, step: int, horizon: int, loss: float | None = None) -> None:
+        """After ``step``: advances the bar and shows the loss when given (the loss of the last
+        fetched step: metrics reach the host at log steps) and, on a budget, the horizon."""
         self.horizon = horizon
         if self.bar is None:
             return
+        if loss is not None:
+            self.loss = loss
+        shown = [] if self.loss is None else [f"loss={self.loss:.4f}"]
         if self.budget.paced:
             self.bar.n = min(self.bar.total, round(self._elapsed()))
-            self.bar.set_postfix_str(f"step {step}/{horizon}, loss={loss:.4f}", refresh=False)
+            shown.insert(0, f"step {step}/{horizon}")
         else:
             self.bar.n = min(self.bar.total, step)
-            self.bar.set_postfix_str(f"loss={loss:.4f}", refresh=False)
+        self.bar.set_postfix_str(", ".join(shown), refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:

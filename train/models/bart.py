@@ -46,6 +46,8 @@ from train.models import mapping as M
 from train.models.decoder import eos_tuple
 from train.models.layers import (
     MLP,
+    remat_policy,
+    rematerialised,
     Attention,
     Embed,
     LayerNorm,
@@ -332,8 +334,9 @@ class BartModel(nnx.Module):
         x = self.decoder.embed(self._tokens(ids), default_position_ids(B, T, index))
         new_cache = None if cache is None else []
         for i, layer in enumerate(self.decoder.layers):
-            if cache is None and self.remat:
-                x, _ = nnx.remat(lambda lyr, h, m, e, c: lyr(h, m, e, c))(layer, x, self_mask, enc, cross_mask)
+            if cache is None and remat_policy(self.remat) != "none":
+                x, _ = rematerialised(lambda lyr, h, m, e, c: lyr(h, m, e, c), self.remat)(layer, x, self_mask, enc,
+                                                                                             cross_mask)
             else:
                 x, c = layer(x, self_mask, enc, cross_mask, None if cache is None else cache[i], index)
                 if new_cache is not None:

@@ -34,6 +34,8 @@ import jaxloss
 from train.models import generation as G
 from train.models.layers import (
     MLP,
+    remat_policy,
+    rematerialised,
     Attention,
     Embed,
     Linear,
@@ -203,8 +205,8 @@ class CausalLM(nnx.Module):
         rotary = rotary_cos_sin(pos, self.spec.head_dim, self.spec.rope_theta) if self.spec.positions == "rotary" else None
         new_cache = None if cache is None else []
         for i, layer in enumerate(self.layers):
-            if cache is None and self.remat:
-                x, _ = nnx.remat(lambda lyr, h, m, r: lyr(h, m, r))(layer, x, mask, rotary)
+            if cache is None and remat_policy(self.remat) != "none":
+                x, _ = rematerialised(lambda lyr, h, m, r: lyr(h, m, r), self.remat)(layer, x, mask, rotary)
             else:
                 x, c = layer(x, mask, rotary, None if cache is None else cache[i], index)
                 if new_cache is not None:

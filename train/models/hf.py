@@ -119,7 +119,7 @@ def architecture_of(cfg: Mapping[str, Any], architecture: str | None = None) -> 
 
 
 def from_config(config: Any, architecture: str | None = None, *, dtype: str = "float32", param_dtype: str = "float32",
-                remat: bool = False, seed: int = 0, **overrides: Any) -> nnx.Module:
+                remat: bool | str = False, seed: int = 0, **overrides: Any) -> nnx.Module:
     """A randomly initialised model (in training mode) from a Hugging Face config.
 
     Args:
@@ -127,7 +127,7 @@ def from_config(config: Any, architecture: str | None = None, *, dtype: str = "f
         ``config.json`` (or its folder).
       architecture: e.g. ``"BertForTokenClassification"``; default: the config's.
       dtype: compute dtype (``"float32"`` or ``"bfloat16"``); ``param_dtype``: storage dtype.
-      remat: rematerialise each layer in the backward pass.
+      remat: rematerialise each layer in the backward pass: "none", "full" (True) or "dots".
       seed: seed of the initialisation and of dropout.
       overrides: config fields to change, e.g. ``num_labels=9`` (resets ``id2label``).
     """
@@ -279,7 +279,7 @@ def state_dict(model: nnx.Module, state: Any = None) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(path: str | os.PathLike, architecture: str | None = None, *, dtype: str = "float32",
-                    param_dtype: str = "float32", remat: bool = False, seed: int = 0, strict: bool | None = None,
+                    param_dtype: str = "float32", remat: bool | str = False, seed: int = 0, strict: bool | None = None,
                     with_report: bool = False, **overrides: Any) -> Any:
     """The model a Hugging Face checkpoint folder names, with its weights, in eval mode.
 
@@ -348,7 +348,7 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> None:
 
 
 def load_multitask(path: str | os.PathLike, heads: Mapping[str, tuple[str, int]], *, dtype: str = "float32",
-                   param_dtype: str = "float32", remat: bool = False, seed: int = 0, with_report: bool = False) -> Any:
+                   param_dtype: str = "float32", remat: bool | str = False, seed: int = 0, with_report: bool = False) -> Any:
     """A :class:`~train.models.bert.BertMultiTask` whose trunk (and masked-LM head, when the
     checkpoint has one) comes from a BERT checkpoint; other heads are initialised with ``seed``
     (``with_report``: ``(model, LoadReport)``)."""

@@ -544,11 +544,36 @@ class PreNormBlock(nnx.Module):
         return h + self.mlp(self.mlp_norm(h)).astype(jnp.float32), new_cache
 
 
-def run_layers(layers: Sequence[nnx.Module], x: Array, *args: Any, remat: bool = False) -> Array:
-    """Applies ``layers`` in order (each ``layer(x, *args) -> x``), rematerialising each one if asked."""
+#: What a rematerialised layer keeps from its forward pass for the backward pass:
+#: ``"full"`` nothing but its input (everything is recomputed); ``"dots"`` the results of its
+#: matrix products without batch dimensions (the projections and the MLP; attention scores,
+#: softmax, norms and activations are recomputed).
+REMAT_POLICIES: dict[str, Any] = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_policy(remat: bool | str) -> str:
+    """``remat`` as a policy name: ``"none"``, ``"full"`` or ``"dots"`` (``True`` is ``"full"``)."""
+    name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if name != "none" and name not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
+    return name
+
+
+def rematerialised(fn: Callable[..., Any], remat: bool | str) -> Callable[..., Any]:
+    """``fn`` (a layer call ``(layer, x, *args)``) under ``nnx.remat`` with the policy
+    ``remat`` names (:data:`REMAT_POLICIES`), or ``fn`` itself for ``"none"``.
+
+    Values and gradients are those of ``fn``; only what the backward pass keeps changes."""
+    name = remat_policy(remat)
+    if name == "none":
+        return fn
+    return nnx.remat(fn, policy=REMAT_POLICIES[name])
+
+
+def run_layers(layers: Sequence[nnx.Module], x: Array, *args: Any, remat: bool | str = False) -> Array:
+    """Applies ``layers`` in order (each ``layer(x, *args) -> x``), rematerialising each one
+    as ``remat`` says (:func:`rematerialised`)."""
+    call = rematerialised(lambda lyr, h, *a: lyr(h, *a), remat)
     for layer in layers:
-        if remat:
-            x = nnx.remat(lambda lyr, h, *a: lyr(h, *a))(layer, x, *args)
-        else:
-            x = layer(x, *args)
+        x = call(layer, x, *args)
     return x

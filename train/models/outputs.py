@@ -64,12 +64,13 @@ class Runtime:
     Attributes:
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"`` (parameters are cast where used).
       param_dtype: storage dtype of the parameters (float32 by default).
-      remat: rematerialise every layer in the backward pass (``nnx.remat``).
+      remat: rematerialise every layer in the backward pass (``nnx.remat``): ``"none"``,
+        ``"full"`` (``True``) or ``"dots"`` (:data:`train.models.layers.REMAT_POLICIES`).
     """
 
     dtype: Literal["float32", "bfloat16"] | str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = False
 
     @property
     def compute(self) -> Any:
