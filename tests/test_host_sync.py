@@ -36,3 +36,23 @@ def test_metrics_reach_the_host_once_per_log_line(tmp_path, monkeypatch):
     assert steps == [4, 8, 12]
     in_loop = [n for n, where in fetches if where.endswith("loop.py:run")]
     assert len(in_loop) == 3 and in_loop[0] % 4 == 0 and len(set(in_loop)) == 1, fetches
+
+
+def test_utilisation_per_device_is_logged(tmp_path):
+    """tokens/s and TFLOP/s per device, and MFU against --peak-tflops, in metrics.jsonl; the
+    step's FLOPs (XLA's count for one device's program) near the 6 N T estimate."""
+    run = tmp_path / "run"
+    assert cli_main(["ner", "--train-file", _ner_data(tmp_path, 96, 0), "--output-dir", str(run), "--model-size", "micro",
+                     "--batch-size", "16", "--max-length", "32", "--vocab-size", "300", "--no-progress", "--buckets", "1",
+                     "--max-steps", "8", "--log-every", "4", "--eval-every", "1000", "--peak-tflops", "0.5"]) == 0
+    records = [r for r in read_metrics(run) if "train/loss" in r]
+    devices = jax.device_count()
+    for r in records:
+        assert r["train/tokens_per_second_per_device"] == pytest.approx(r["train/tokens_per_second"] / devices)
+        assert r["train/tflops_per_second_per_device"] > 0
+        assert r["train/mfu"] == pytest.approx(r["train/tflops_per_second_per_device"] / 0.5)
+    # micro BERT: hidden 64, 1 layer, MLP 128; 16 x 16 tokens per step (one bucket of 16)
+    hidden, mlp, tokens = 64, 128, 16 * 16
+    matmul_params = 4 * hidden * hidden + 2 * hidden * mlp + hidden * 3  # attention, MLP, tag head
+    estimate = 6 * matmul_params * tokens / devices
+    assert 0.8 < records[0]["train/flops_per_step"] / estimate < 3.0, (records[0]["train/flops_per_step"], estimate)

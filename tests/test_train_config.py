@@ -202,3 +202,25 @@ def test_an_unexpected_error_is_one_line_with_its_type_and_debug_shows_the_trace
     monkeypatch.setenv("JAXLOSS_DEBUG", "1")
     with pytest.raises(RuntimeError, match="the step went wrong"):
         main(args)
+
+
+def test_without_the_training_extra_the_command_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from train.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("flax", "sacrebleu") else real(name, *a))
+    assert main(["classify", "--train-file", "t.csv"]) == 1
+    assert capsys.readouterr().err == ("jaxloss-train: error: flax, sacrebleu not installed; pip install 'jaxloss[train]' "
+                                       "(the loss library alone installs without the training system)\n")
+
+
+def test_the_loss_library_imports_without_the_training_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys, jaxloss, jaxloss.crosscheck; "
+            "print(sorted(m for m in ('flax', 'optax', 'orbax', 'transformers', 'torch', 'train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

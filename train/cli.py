@@ -15,7 +15,28 @@ import sys
 import typing
 from typing import Any, Mapping, Sequence
 
-from train.config import TASKS, TrainConfig, load_yaml
+TRAINING_MODULES = ("flax", "optax", "orbax.checkpoint", "transformers", "tokenizers", "safetensors", "yaml", "tqdm",
+                    "tensorboardX", "matplotlib", "sacrebleu", "sklearn")
+INSTALL_HINT = "pip install 'jaxloss[train]' (the loss library alone installs without the training system)"
+
+
+def missing_training_modules() -> list[str]:
+    """The modules of the training extra that are not installed."""
+    import importlib.util
+
+    def installed(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent package missing
+            return False
+
+    return [name for name in TRAINING_MODULES if not installed(name)]
+
+
+try:
+    from train.config import TASKS, TrainConfig, load_yaml
+except ModuleNotFoundError as err:  # pragma: no cover - only without the training extra
+    raise SystemExit(f"jaxloss-train: error: {err.name} is not installed; {INSTALL_HINT}") from None
 
 
 def _flag_type(field: dataclasses.Field) -> Any:
@@ -90,6 +111,10 @@ DEBUG_VARIABLE = "JAXLOSS_DEBUG"  # set to 1 for a traceback with every error, a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    missing = missing_training_modules()
+    if missing:
+        print(f"jaxloss-train: error: {', '.join(missing)} not installed; {INSTALL_HINT}", file=sys.stderr)
+        return EXIT_ERROR
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")

@@ -103,6 +103,7 @@ class TrainConfig:
     best_metric: Optional[str] = _field(None, "eval metric that selects the best checkpoint (default: the task's main metric)")
     early_stopping: Optional[int] = _field(None, "stop after this many evaluations without improvement")
     max_eval_examples: Optional[int] = _field(None, "evaluate on at most this many examples")
+    peak_tflops: Optional[float] = _field(None, "peak TFLOP/s of one device, for the MFU in metrics.jsonl (default: from a table of GPUs and TPUs by device kind; none on CPU)")
     progress: bool = _field(True, "show a progress bar")
     compile_cache: str = _field("auto", "JAX's persistent compilation cache: auto (a folder under the cache root, ~/.cache/jaxloss/jax), off, or a folder")
     # scale-out

@@ -43,6 +43,7 @@ from train.progress import Progress
 from train.recorder import MetricsRecorder
 from train.step import make_eval_step, make_train_step
 from train.timing import Timings
+from train.utilisation import peak_tflops, program_flops, utilisation
 from train.tasks import TASK_CLASSES, Task
 
 logger = logging.getLogger("train")
@@ -363,6 +364,8 @@ def run(config: TrainConfig) -> RunResult:
             pending += eval_steps[name].lower(_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh))
     compile_all(pending)
     compile_seconds = timings.since("compile", compile_start)
+    flops_of = {key: program_flops(executable) for key, executable in train_step.executables.items()}
+    peak = peak_tflops(jax.devices()[0].device_kind, config.peak_tflops)
     estimate_start = clock.now()  # one batch of each evaluation shape, timed: eval time, not an evaluation
     eval_estimate = _estimate_eval_seconds(data, eval_steps, params, rest, mesh, clock)
     timings.extra["eval_estimate_seconds"] = timings.since("eval", estimate_start, count=False)
@@ -451,7 +454,7 @@ def run(config: TrainConfig) -> RunResult:
             timings.extra.setdefault("first_step_at", time.time())  # wall-clock time, for comparisons across processes
             step_seconds = data_seconds + timings.since("train", step_start + data_seconds)
             budget.record_step(step_seconds)
-            pending.append((step, metrics, step_seconds))
+            pending.append((step, metrics, step_seconds, flops_of.get(_batch_signature(item.batches))))
             progress.step(step, horizon)
             # several processes settle what to do (evaluate, stop, the horizon) together, at log steps
             agree_now = single or step % config.log_every == 0 or step == horizon
@@ -462,10 +465,11 @@ def run(config: TrainConfig) -> RunResult:
                 [budget.should_evaluate(step), preemption.requested, step < horizon and budget.out_of_time()]
             ) if agree_now else (False, False, False)
             if step % config.log_every == 0 or step == horizon or evaluate_now or signalled or out_of_time:
-                fetched = jax.device_get([m for _, m, _ in pending])
+                fetched = jax.device_get([m for _, m, _, _ in pending])
                 nonfinite_limit_hit = False
-                for (at, _, seconds), values in zip(pending, fetched):
-                    window.append({**{k: float(v) for k, v in values.items()}, "train/seconds_per_step": seconds})
+                for (at, _, seconds, flops), values in zip(pending, fetched):
+                    window.append({**{k: float(v) for k, v in values.items()}, "train/seconds_per_step": seconds,
+                                   "train/flops_per_step": flops})
                     nonfinite_run = 0 if values["train/finite"] else nonfinite_run + 1
                     nonfinite_limit_hit |= nonfinite_run >= NONFINITE_LIMIT
                     if nonfinite_run:
@@ -478,8 +482,9 @@ def run(config: TrainConfig) -> RunResult:
                                    "the checkpoint holds the last good parameters")
                     break
             if step % config.log_every == 0 or step == horizon:
-                recorder.write({**_train_record(window, step, _epoch(data, positions), tokens_in_window),
-                                "train/horizon": horizon})
+                record = _train_record(window, step, _epoch(data, positions), tokens_in_window, peak)
+                recorder.write({**record, "train/horizon": horizon})
+                logger.info("step %d: %s", step, _format_utilisation(record))
                 window, tokens_in_window = [], 0
             if evaluate_now:
                 eval_start = clock.now()
@@ -514,12 +519,13 @@ def run(config: TrainConfig) -> RunResult:
             if budget.paced and horizon < total_steps:
                 stop_reason = f"the {config.max_minutes}-minute budget (the horizon its pace allowed)"
     if pending:  # a loop left by a break before its steps' metrics were fetched
-        for (at, _, seconds), values in zip(pending, jax.device_get([m for _, m, _ in pending])):
-            window.append({**{k: float(v) for k, v in values.items()}, "train/seconds_per_step": seconds})
+        for (at, _, seconds, flops), values in zip(pending, jax.device_get([m for _, m, _, _ in pending])):
+            window.append({**{k: float(v) for k, v in values.items()}, "train/seconds_per_step": seconds,
+                           "train/flops_per_step": flops})
     progress.close()
     final_start = clock.now()
     if window:  # the steps since the last log line (a run stopped by its budget or a signal)
-        recorder.write({**_train_record(window, step, _epoch(data, positions), tokens_in_window),
+        recorder.write({**_train_record(window, step, _epoch(data, positions), tokens_in_window, peak),
                         "train/horizon": horizon})
     final = evaluate()
     timings.extra["final_eval_seconds"] = clock.now() - final_start
@@ -613,15 +619,33 @@ def _estimate_eval_seconds(data: Mapping[str, TaskData], eval_steps: Mapping[str
     return total if any_eval else None
 
 
-def _train_record(window: Sequence[Mapping[str, float]], step: int, epoch: float, tokens: int) -> dict[str, float]:
+def _train_record(window: Sequence[Mapping[str, float | None]], step: int, epoch: float, tokens: int,
+                  peak: float | None = None) -> dict[str, float]:
     """One ``metrics.jsonl`` line: the mean of each training metric over the steps of ``window``;
-    tokens per second over the steps' own time (batches built and steps run, evaluations and
-    saves between them left out)."""
-    record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+    tokens per second (in all and per device), TFLOP/s per device and MFU (where the device's
+    peak is known) over the steps' own time (batches built and steps run, evaluations and saves
+    between them left out)."""
+    record = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "train/flops_per_step"}
     seconds = sum(w["train/seconds_per_step"] for w in window)
+    step_flops = [w["train/flops_per_step"] for w in window]
+    flops = None if any(f is None for f in step_flops) else float(sum(step_flops))
     record.update(step=step, epoch=epoch, **{"train/tokens_per_second": tokens / max(seconds, 1e-9)})
+    record.update(utilisation(flops, seconds, tokens, jax.device_count(), peak))
+    if flops is not None:
+        record["train/flops_per_step"] = flops / len(window)
     record["train/learning_rate"] = window[-1]["train/learning_rate"]
     return record
+
+
+def _format_utilisation(record: Mapping[str, float]) -> str:
+    """``loss 0.4123, 5120 tokens/s per device, 1.2 TFLOP/s per device, MFU 41.3%`` (what is known)."""
+    parts = [f"loss {record['train/loss']:.4f}",
+             f"{record['train/tokens_per_second_per_device']:.0f} tokens/s per device"]
+    if "train/tflops_per_second_per_device" in record:
+        parts.append(f"{record['train/tflops_per_second_per_device']:.3g} TFLOP/s per device")
+    if "train/mfu" in record:
+        parts.append(f"MFU {100 * record['train/mfu']:.1f}%")
+    return ", ".join(parts)
 
 
 def _epoch(data: Mapping[str, TaskData], positions: Mapping[str, Mapping[str, int]]) -> float:
