@@ -240,7 +240,7 @@ def all_reduce_max(value: int | float) -> int | float:
 
 def any_process(flag: bool) -> bool:
     """``True`` on every process when ``flag`` is true on at least one (a preemption notice)."""
-    return bool(all_reduce_max(int(bool(flag))))
+    return any_of([flag])[0]
 
 
 def any_of(flags: Sequence[bool]) -> list[bool]:

@@ -62,7 +62,7 @@ def evaluate_file(run_dir: str | Path, file: str | Path, *, output: str | Path |
     ``model/`` holds.
     """
     from train import sharding
-    from train.loop import task_specs
+    from train.loop import _check_not_empty, task_specs
     from train.predict import load_run
     from train.step import make_eval_step
 
@@ -71,10 +71,7 @@ def evaluate_file(run_dir: str | Path, file: str | Path, *, output: str | Path |
     if not Path(path).exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     records = task_obj.read(path)
-    if len(records) == 0:
-        from train.data import DataError
-
-        raise DataError(path, None, "holds no examples (an empty file, blank lines or -DOCSTART- lines only)")
+    _check_not_empty(path, records)
     features = task_obj.encode(tokenizer, records, training=False)
     spec = next(s for s in task_specs(config) if s.name == task_obj.name)
     divisor = sharding.batch_divisor(sharding.make_mesh(config.mesh))

@@ -35,7 +35,7 @@ from train.compilation import CompiledSteps, CompileStats, compile_all, enable_c
 from train.config import TaskSpec, TrainConfig
 from train.data.batching import Batcher
 from train.data.records import DataError
-from train.modeling import build_model, check_checkpoint, build_tokenizer, checkpoint_folders, save_final_model
+from train.modeling import build_model, build_tokenizer, check_checkpoint, checkpoint_folders, save_final_model
 from train.optim import learning_rate_at, make_optimizer
 from train.plots import plot_run
 from train.prefetch import Item, Prefetcher
@@ -434,7 +434,7 @@ def run(config: TrainConfig) -> RunResult:
     # ahead of the devices (waiting for an older step to finish, which transfers nothing), so
     # its clock tracks the devices' for the budget (tests/test_host_sync.py counts the transfers).
     in_flight: collections.deque[Any] = collections.deque()
-    pending: list[tuple[int, Any, float]] = []  # (step, metrics on the devices, seconds) since the last log line
+    pending: list[tuple[int, Any, float, float | None]] = []  # (step, metrics on the devices, seconds, FLOPs)
     single = jax.process_count() == 1
     with PreemptionHandler() as preemption, Prefetcher(make_item, step) as prefetcher:
         while step < horizon:
@@ -465,11 +465,10 @@ def run(config: TrainConfig) -> RunResult:
                 [budget.should_evaluate(step), preemption.requested, step < horizon and budget.out_of_time()]
             ) if agree_now else (False, False, False)
             if step % config.log_every == 0 or step == horizon or evaluate_now or signalled or out_of_time:
-                fetched = jax.device_get([m for _, m, _, _ in pending])
+                fetched = _fetch(pending)
+                window += fetched
                 nonfinite_limit_hit = False
-                for (at, _, seconds, flops), values in zip(pending, fetched):
-                    window.append({**{k: float(v) for k, v in values.items()}, "train/seconds_per_step": seconds,
-                                   "train/flops_per_step": flops})
+                for (at, _, _, _), values in zip(pending, fetched):
                     nonfinite_run = 0 if values["train/finite"] else nonfinite_run + 1
                     nonfinite_limit_hit |= nonfinite_run >= NONFINITE_LIMIT
                     if nonfinite_run:
@@ -519,9 +518,7 @@ def run(config: TrainConfig) -> RunResult:
             if budget.paced and horizon < total_steps:
                 stop_reason = f"the {config.max_minutes}-minute budget (the horizon its pace allowed)"
     if pending:  # a loop left by a break before its steps' metrics were fetched
-        for (at, _, seconds, flops), values in zip(pending, jax.device_get([m for _, m, _, _ in pending])):
-            window.append({**{k: float(v) for k, v in values.items()}, "train/seconds_per_step": seconds,
-                           "train/flops_per_step": flops})
+        window += _fetch(pending)
     progress.close()
     final_start = clock.now()
     if window:  # the steps since the last log line (a run stopped by its budget or a signal)
@@ -617,6 +614,14 @@ def _estimate_eval_seconds(data: Mapping[str, TaskData], eval_steps: Mapping[str
             jax.block_until_ready(eval_steps[name](_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh)))
             total += (clock.now() - begin) * counts[tuple((k, v.shape) for k, v in sorted(b.items()))]
     return total if any_eval else None
+
+
+def _fetch(pending: Sequence[tuple[int, Any, float, float | None]]) -> list[dict[str, float | None]]:
+    """The metrics of ``pending`` steps brought to the host in one transfer, one dict per step
+    with its seconds and FLOPs (a window entry of :func:`_train_record`)."""
+    fetched = jax.device_get([metrics for _, metrics, _, _ in pending])
+    return [{**{k: float(v) for k, v in values.items()}, "train/seconds_per_step": seconds, "train/flops_per_step": flops}
+            for (_, _, seconds, flops), values in zip(pending, fetched)]
 
 
 def _train_record(window: Sequence[Mapping[str, float | None]], step: int, epoch: float, tokens: int,

@@ -71,7 +71,7 @@ def check_checkpoint(model_dir: Path, tasks: Sequence[Task]) -> None:
     """Refuses, before any data is read, a ``--model`` folder whose ``config.json`` is not a
     model family this run can fine-tune, or names an architecture of no known family,
     naming the file, what it holds and what is supported."""
-    from train.models.hf import ARCHITECTURES
+    from train.models.hf import ARCHITECTURES, family_of
 
     path = model_dir / "config.json"
     try:
@@ -89,16 +89,10 @@ def check_checkpoint(model_dir: Path, tasks: Sequence[Task]) -> None:
     if model_type not in families:
         raise ValueError(f"{path}: model_type {model_type!r}{f' ({named})' if named else ''} cannot be fine-tuned "
                          f"for {kinds}; it needs a {' or '.join(families)} checkpoint")
-    known = [a for a in ARCHITECTURES if _family(a) == model_type]
-    if named is not None and _family(named) != model_type:
+    known = [a for a in ARCHITECTURES if family_of(a) == model_type]
+    if named is not None and family_of(named) != model_type:
         raise ValueError(f"{path}: architecture {named!r} is not a {model_type} model that jaxloss has; "
                          f"{model_type} architectures: {', '.join(sorted(known))}")
-
-
-def _family(architecture: str) -> str | None:
-    """``BertForMaskedLM`` -> ``bert``: the model family an architecture name belongs to."""
-    prefixes = {"Bert": "bert", "GPT2": "gpt2", "Llama": "llama", "Bart": "bart", "Marian": "marian"}
-    return next((family for prefix, family in prefixes.items() if architecture.startswith(prefix)), None)
 
 
 def build_tokenizer(config: TrainConfig, tasks: Sequence[Task], records: Mapping[str, tuple[Any, Any]], save_dir: Path,

@@ -25,7 +25,6 @@ class Progress:
 
     def __init__(self, budget: Budget, horizon: int, step: int, *, enabled: bool = True):
         self.budget = budget
-        self.horizon = horizon
         self.loss: float | None = None
         self.bar: Any = None
         if not enabled:
@@ -47,7 +46,6 @@ class Progress:
     def step(self, step: int, horizon: int, loss: float | None = None) -> None:
         """After ``step``: advances the bar and shows the loss when given (the loss of the last
         fetched step: metrics reach the host at log steps) and, on a budget, the horizon."""
-        self.horizon = horizon
         if self.bar is None:
             return
         if loss is not None:

@@ -63,6 +63,12 @@ DEFAULT_ARCHITECTURE: dict[str, str] = {"bert": "BertModel", "gpt2": "GPT2LMHead
                                          "bart": "BartForConditionalGeneration", "marian": "MarianMTModel"}
 _MODEL_TYPE = {"Bert": "bert", "GPT2": "gpt2", "Llama": "llama", "Bart": "bart", "Marian": "marian"}
 
+
+def family_of(architecture: str) -> str | None:
+    """The ``model_type`` an architecture name belongs to (``BertForMaskedLM`` -> ``bert``), or
+    ``None`` for a name of no family here."""
+    return next((t for prefix, t in _MODEL_TYPE.items() if architecture.startswith(prefix)), None)
+
 # Buffers some checkpoints carry that are not parameters.
 _BUFFERS = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -112,7 +118,7 @@ def architecture_of(cfg: Mapping[str, Any], architecture: str | None = None) -> 
                          f"supported model types: {sorted(DEFAULT_ARCHITECTURE)}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
-    expected = next(t for prefix, t in _MODEL_TYPE.items() if arch.startswith(prefix))
+    expected = family_of(arch)
     if cfg.get("model_type") not in (None, expected):
         raise ValueError(f"architecture {arch!r} needs model_type {expected!r}, config has {cfg.get('model_type')!r}")
     return arch
@@ -139,7 +145,7 @@ def from_config(config: Any, architecture: str | None = None, *, dtype: str = "f
     cfg.update(overrides)
     arch = architecture_of(cfg, architecture)
     cfg["architectures"] = [arch]
-    cfg.setdefault("model_type", next(t for prefix, t in _MODEL_TYPE.items() if arch.startswith(prefix)))
+    cfg.setdefault("model_type", family_of(arch))
     return ARCHITECTURES[arch](cfg, Runtime(dtype, param_dtype, remat), rngs=nnx.Rngs(seed))
 
 
