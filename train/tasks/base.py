@@ -91,7 +91,7 @@ class Task(abc.ABC):
     def min_length(self, tokenizer: Any) -> int:
         """The shortest ``max_length`` that keeps a token of every text: the tokenizer's special
         tokens (``[CLS] a [SEP] b [SEP]`` for a pair) plus one per text."""
-        pair = self.text_pair_column is not None and getattr(self, "pair_encoding", "cross") == "cross"
+        pair = self.text_pair_column is not None
         return tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
 
     # -- model --------------------------------------------------------------------------------
@@ -137,6 +137,16 @@ class Task(abc.ABC):
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state`."""
+
+
+def read_table_texts(task: Task, path: str, fmt: str) -> Any:
+    """The text column(s) of the table ``path`` (format ``fmt``) named by ``task``'s columns,
+    without its labels: the inputs to predict on (:meth:`Task.read_inputs`)."""
+    from train.data.table import read_table
+
+    text, pair = column(task.text_column), column(task.text_pair_column)
+    header = not all(isinstance(c, int) for c in (text, pair) if c is not None)
+    return read_table(path, format=fmt, header=header, text_column=text, text_pair_column=pair, label_column=None)
 
 
 def evaluation_label_ids(task: str, labels: Sequence[str],

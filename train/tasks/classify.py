@@ -14,7 +14,8 @@ from train.data.records import Records, TextExample
 from train.data.table import read_table
 from train.data.text import read_text
 from train.data.tokenization import encode_texts
-from train.tasks.base import Batch, Task, column, evaluation_label_ids, example_count, infer_format, table_texts
+from train.tasks.base import (Batch, Task, column, evaluation_label_ids, example_count, infer_format, read_table_texts,
+                              table_texts)
 
 
 @dataclasses.dataclass
@@ -46,10 +47,7 @@ class ClassifyTask(Task):
         with one of the run's labels."""
         fmt = infer_format(path, self.format, "label_first")
         if fmt != "label_first":
-            header = not all(isinstance(c, int) for c in (column(self.text_column), column(self.text_pair_column))
-                             if c is not None)
-            return read_table(path, format=fmt, header=header, text_column=column(self.text_column),
-                              text_pair_column=column(self.text_pair_column), label_column=None)
+            return read_table_texts(self, path, fmt)
         lines = read_text(path, unit="line")
         split = [line.text.split(None, 1) for line in lines]
         labelled = all(len(parts) == 2 and parts[0] in self.labels for parts in split)

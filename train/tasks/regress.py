@@ -23,7 +23,7 @@ import jaxloss
 from train import metrics
 from train.data.table import read_table
 from train.data.tokenization import encode_text_pairs_apart, encode_texts
-from train.tasks.base import Batch, Task, column, example_count, infer_format, table_texts
+from train.tasks.base import Batch, Task, column, example_count, infer_format, read_table_texts, table_texts
 from train.tasks.classify import _gather_rows
 
 PAIR_ENCODINGS = ("cross", "siamese")
@@ -58,11 +58,13 @@ class RegressTask(Task):
 
     def read_inputs(self, path: str) -> Sequence[Any]:
         """Texts (or pairs) to score: the text column(s); a score column is left unread."""
-        fmt = infer_format(path, self.format, "tsv")
-        header = not all(isinstance(c, int) for c in (column(self.text_column), column(self.text_pair_column))
-                         if c is not None)
-        return read_table(path, format=fmt, header=header, text_column=column(self.text_column),
-                          text_pair_column=column(self.text_pair_column), label_column=None)
+        return read_table_texts(self, path, infer_format(path, self.format, "tsv"))
+
+    def min_length(self, tokenizer: Any) -> int:
+        """A siamese pair encodes each text on its own: the special tokens of one text, plus one."""
+        if self.pair_encoding == "siamese":
+            return tokenizer.num_special_tokens_to_add(pair=False) + 1
+        return super().min_length(tokenizer)
 
     def texts(self, records: Sequence[Any]) -> Iterable[str]:
         return table_texts(records)
