@@ -52,7 +52,9 @@ RUN_TIMEOUT_S = 600
 
 # keys of a training record that depend on the wall clock or on the run's own step budget
 # (the interrupted run plans a horizon of STOP_AT), not on the numbers
-TIMING_KEYS = ("train/tokens_per_second", "train/seconds_per_step", "train/horizon")
+# how fast the machine ran, and the work per device (which the mesh divides): not training values
+TIMING_KEYS = ("train/tokens_per_second", "train/seconds_per_step", "train/horizon", "train/tokens_per_second_per_device",
+               "train/tflops_per_second_per_device", "train/mfu", "train/flops_per_step")
 
 
 # --------------------------------------------------------------------------- runs
