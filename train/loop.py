@@ -439,10 +439,11 @@ def run(config: TrainConfig) -> RunResult:
     with PreemptionHandler() as preemption, Prefetcher(make_item, step) as prefetcher:
         while step < horizon:
             step_start = clock.now()
-            if len(in_flight) >= IN_FLIGHT:
+            if len(in_flight) >= IN_FLIGHT:  # the devices' time: counted as train below
                 jax.block_until_ready(in_flight.popleft())
+            data_start = clock.now()
             item = prefetcher.next()
-            data_seconds = timings.since("data", step_start)
+            data_seconds = timings.since("data", data_start)
             params, log_vars, opt_state, metrics = train_step(
                 _batch_signature(item.batches), params, log_vars, opt_state, rest, *step_args(step, horizon),
                 item.batches, jax.random.fold_in(key, step)
@@ -452,7 +453,8 @@ def run(config: TrainConfig) -> RunResult:
             tokens_in_window += item.tokens
             in_flight.append(metrics["train/loss"])
             timings.extra.setdefault("first_step_at", time.time())  # wall-clock time, for comparisons across processes
-            step_seconds = data_seconds + timings.since("train", step_start + data_seconds)
+            step_seconds = clock.now() - step_start
+            timings.add("train", step_seconds - data_seconds)
             budget.record_step(step_seconds)
             pending.append((step, metrics, step_seconds, flops_of.get(_batch_signature(item.batches))))
             progress.step(step, horizon)
