@@ -325,6 +325,7 @@ def test_kill_during_save_restarts_from_last_complete_step(tmp_path: Path) -> No
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     leftovers = sorted(p.name for p in directory.iterdir())
@@ -382,6 +383,8 @@ def test_first_signal_saves_and_exits_cleanly(tmp_path: Path, sig: int) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        proc.stdout.close()
     assert proc.returncode == 0
     assert stdout.split() == ["SAVING", "EXIT"]
     result = json.loads(out.read_text())
@@ -400,6 +403,7 @@ def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGTERM
     assert elapsed < 10 and not out.exists()

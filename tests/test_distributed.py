@@ -5,16 +5,16 @@ Run as a script, this file is the worker: ``python tests/test_distributed.py WOR
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, the worker imports tests.processes
+from tests.processes import read_result, run_together, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH, LENGTH, VOCAB = 8, 5, 16
@@ -103,7 +103,7 @@ def worker(process_id: int, num_processes: int, port: int) -> None:
         result["same_raised"] = False
     except RuntimeError as err:
         result["same_raised"] = "process id differs" in str(err)
-    print("RESULT " + json.dumps(result), flush=True)
+    write_result(result)
 
 
 def free_port() -> int:
@@ -148,35 +148,19 @@ def test_single_process_helpers_are_trivial() -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process() -> None:
+def test_two_processes_match_one_process(tmp_path: Path) -> None:
     port = free_port()
     env = dict(os.environ)
     env["XLA_FLAGS"] = ""
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(i), "2", str(port)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    deadline = time.monotonic() + 90
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outputs.append(out)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    files = [tmp_path / f"result{i}.json" for i in range(2)]
+    done = run_together([([sys.executable, __file__, str(i), "2", str(port)], {**env, "RESULT_FILE": str(files[i])})
+                         for i in range(2)], cwd=ROOT, timeout_s=90)
     results = []
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
-        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        assert line, out[-3000:]
-        results.append(json.loads(line[-1][len("RESULT "):]))
+    for (code, out), file in zip(done, files):
+        assert code == 0, out[-3000:]
+        results.append(read_result(file, out))
 
     # the reference: this process, 4 devices, one process, same mesh
     reference = train_two_steps("data=2,fsdp=2")
@@ -225,8 +209,8 @@ def cluster_worker() -> None:
 
     assert distributed.initialize(timeout_s=40)
     agreed = distributed.all_reduce_max(10 + jax.process_index())
-    print("RESULT " + json.dumps({"index": jax.process_index(), "count": jax.process_count(),
-                                  "devices": len(jax.devices()), "agreed": agreed}), flush=True)
+    write_result({"index": jax.process_index(), "count": jax.process_count(), "devices": len(jax.devices()),
+                  "agreed": agreed})
 
 
 def free_port_in(low: int, high: int) -> int:
@@ -241,29 +225,22 @@ def free_port_in(low: int, high: int) -> int:
     raise RuntimeError(f"no free port in [{low}, {high}]")
 
 
-def test_processes_started_by_slurm_connect_without_flags() -> None:
+def test_processes_started_by_slurm_connect_without_flags(tmp_path: Path) -> None:
     """jax.distributed.initialize() finds the job in SLURM's variables: the coordinator on the
     first node of SLURM_STEP_NODELIST, at a port derived from SLURM_JOB_ID."""
     low = 65535 - 2**12 + 1
     job_id = free_port_in(low, 65535) - low  # the port JAX derives: job_id % 4096 + low
-    procs = []
+    commands, files = [], [tmp_path / f"result{i}.json" for i in range(2)]
     for i in range(2):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
         env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
                    SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
-                   SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, "cluster"], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                   SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1", RESULT_FILE=str(files[i]))
+        commands.append(([sys.executable, __file__, "cluster"], env))
     results = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=90)
-            assert proc.returncode == 0, out[-3000:]
-            results.append(json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    for (code, out), file in zip(run_together(commands, cwd=ROOT, timeout_s=90), files):
+        assert code == 0, out[-3000:]
+        results.append(read_result(file, out))
     assert results == [{"index": i, "count": 2, "devices": 4, "agreed": 11} for i in range(2)]
 
 

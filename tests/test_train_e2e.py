@@ -338,6 +338,9 @@ def test_sigterm_saves_and_exits_143_not_0(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "a stop signal" and summary["stop_signal"] == signal.SIGTERM

@@ -29,15 +29,14 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.processes import run_together
 from tests.test_train_e2e import _ner_data, _regress_data, _text_data
 
 pytestmark = pytest.mark.slow
@@ -105,21 +104,9 @@ def _env(devices: int, cache: Path) -> dict[str, str]:
 
 def _run(cache: Path, *commands: tuple[list[str], int]) -> None:
     """Runs the commands (argv, device count) at the same time; fails with the log of any that fails."""
-    procs = [subprocess.Popen(argv, cwd=ROOT, env=_env(devices, cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-             for argv, devices in commands]
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for (argv, devices), proc, out in zip(commands, procs, outputs):
-        assert proc.returncode == 0, f"{' '.join(argv[2:])} on {devices} devices failed:\n{out[-4000:]}"
+    done = run_together([(argv, _env(devices, cache)) for argv, devices in commands], cwd=ROOT, timeout_s=RUN_TIMEOUT_S)
+    for (argv, devices), (code, out) in zip(commands, done):
+        assert code == 0, f"{' '.join(argv[2:])} on {devices} devices failed:\n{out[-4000:]}"
 
 
 def _free_port() -> int:
