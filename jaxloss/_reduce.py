@@ -131,11 +131,6 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return dtype
 
 
-def to_compute(x: Array) -> Array:
-    """Casts ``x`` to :func:`compute_dtype` (bf16 / f16 -> f32; f32 and f64 unchanged)."""
-    return x.astype(compute_dtype(x.dtype))
-
-
 def check_mask(where: Array | None, shape: tuple[int, ...], name: str = "where") -> Array | None:
     """Validates a boolean element mask that must broadcast to ``shape``; returns it broadcast."""
     if where is None:

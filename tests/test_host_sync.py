@@ -40,7 +40,8 @@ def test_metrics_reach_the_host_once_per_log_line(tmp_path, monkeypatch):
 
 def test_utilisation_per_device_is_logged(tmp_path):
     """tokens/s and TFLOP/s per device, and MFU against --peak-tflops, in metrics.jsonl; the
-    step's FLOPs (XLA's count for one device's program) near the 6 N T estimate."""
+    step's FLOPs (its matrix products, counted in the traced program, per device) near the 6 N T
+    estimate."""
     run = tmp_path / "run"
     assert cli_main(["ner", "--train-file", _ner_data(tmp_path, 96, 0), "--output-dir", str(run), "--model-size", "micro",
                      "--batch-size", "16", "--max-length", "32", "--vocab-size", "300", "--no-progress", "--buckets", "1",

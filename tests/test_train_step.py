@@ -72,7 +72,7 @@ def test_two_micro_batches_equal_one_batch_to_float_rounding():
     # Independent reference: the halves' means weighted by their token counts give the
     # whole batch's mean; the plain mean of the two means (what naive accumulation
     # computes) does not, since the halves hold different numbers of tokens.
-    halves = [{k: v[i * 4:(i + 1) * 4] for k, v in batch.items()} for i in range(2)]
+    halves = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]  # micro-batch i: rows i, i + 2, ...
     means, counts = zip(*[(float(m["train/loss"]), float(m["train/ner_count"])) for m in (_run_step(1, h)[2] for h in halves)])
     weighted = float(np.dot(means, counts) / np.sum(counts))
     np.testing.assert_allclose(float(metrics_two["train/loss"]), weighted, rtol=1e-6)

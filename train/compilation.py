@@ -28,6 +28,7 @@ from typing import Any
 import jax
 
 from train.models.sources import cache_root
+from train.utilisation import jaxpr_flops
 
 logger = logging.getLogger("train")
 
@@ -138,13 +139,18 @@ class CompiledSteps:
         self.jitted = jitted
         self.name = name
         self.executables: dict[tuple, Any] = {}
+        self.flops: dict[tuple, float] = {}  # per key: FLOPs of the program's matrix products (jaxpr_flops)
 
     def compile(self, key: tuple, *args: Any) -> None:
         compile_all(self.lower(key, *args))
 
     def lower(self, key: tuple, *args: Any) -> list[tuple["CompiledSteps", tuple, Any]]:
         """The lowered program for ``key`` (to compile with :func:`compile_all`); none if compiled."""
-        return [] if key in self.executables else [(self, key, self.jitted.lower(*args))]
+        if key in self.executables:
+            return []
+        traced = self.jitted.trace(*args)
+        self.flops[key] = jaxpr_flops(traced.jaxpr)
+        return [(self, key, traced.lower())]
 
     def __call__(self, key: tuple, *args: Any) -> Any:
         if key not in self.executables:

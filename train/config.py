@@ -8,7 +8,6 @@ command line overriding the file. The resolved config is written to the run fold
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -93,6 +92,7 @@ class TrainConfig:
     dtype: str = _field("float32", "compute dtype: float32 | bfloat16 (parameters keep --param-dtype)", choices=("float32", "bfloat16"))
     param_dtype: str = _field("float32", "storage dtype of the parameters: float32 | bfloat16 (half the memory of parameters and gradients; AdamW's moments stay float32)", choices=("float32", "bfloat16"))
     remat: str = _field("none", "recompute each layer in the backward pass instead of keeping its activations: none | full (keep only layer inputs) | dots (keep the results of the projections and MLP)", choices=("none", "full", "dots"))
+    scan_layers: bool = _field(False, "run each stack of layers as one jax.lax.scan: the layer is traced once, whatever the depth; same values as a loop over layers (off by default: on XLA:CPU it traces in half the time but compiles no faster and steps 7-17%% slower)")
     seed: int = _field(0, "seed of initialization, dropout and data order")
     # evaluation, logging, saving
     eval_every: Optional[int] = _field(None, "evaluate every N steps (default: 5 times per run)")
@@ -191,7 +191,3 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def _resolve(base: Path, value: str) -> str:
     p = Path(value)
     return str(p if p.is_absolute() else (base / p))
-
-
-def config_json(config: TrainConfig) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True)

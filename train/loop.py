@@ -43,7 +43,7 @@ from train.progress import Progress
 from train.recorder import MetricsRecorder
 from train.step import make_eval_step, make_train_step
 from train.timing import Timings
-from train.utilisation import peak_tflops, program_flops, utilisation
+from train.utilisation import peak_tflops, utilisation
 from train.tasks import TASK_CLASSES, Task
 
 logger = logging.getLogger("train")
@@ -364,7 +364,7 @@ def run(config: TrainConfig) -> RunResult:
             pending += eval_steps[name].lower(_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh))
     compile_all(pending)
     compile_seconds = timings.since("compile", compile_start)
-    flops_of = {key: program_flops(executable) for key, executable in train_step.executables.items()}
+    flops_of = {key: flops / jax.device_count() for key, flops in train_step.flops.items()}  # one device's share
     peak = peak_tflops(jax.devices()[0].device_kind, config.peak_tflops)
     estimate_start = clock.now()  # one batch of each evaluation shape, timed: eval time, not an evaluation
     eval_estimate = _estimate_eval_seconds(data, eval_steps, params, rest, mesh, clock)

@@ -170,7 +170,8 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
     (its new heads; None for a model trained from scratch): loaded from the checkpoint folder
     ``model_dir`` on the host, else created sharded on ``mesh`` at ``--model-size``."""
     vocab_size = len(tokenizer)
-    runtime = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat, seed=config.seed)
+    runtime = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat, scan_layers=config.scan_layers,
+                   seed=config.seed)
 
     def load() -> tuple[nnx.Module, set[tuple[Any, ...]]]:
         if is_shared_trunk_run(tasks):
@@ -190,7 +191,7 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
         if is_shared_trunk_run(tasks):
             cfg = _encoder_config(config, vocab_size)
             heads = {t.name: t.head() for t in tasks}
-            return BertMultiTask(cfg, heads, Runtime(config.dtype, config.param_dtype, config.remat),
+            return BertMultiTask(cfg, heads, Runtime(config.dtype, config.param_dtype, config.remat, config.scan_layers),
                                  rngs=nnx.Rngs(config.seed))
         task = tasks[0]
         if task.kind == "lm":

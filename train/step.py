@@ -55,9 +55,20 @@ def forward(model: Any, task: Task, batch: Mapping[str, Array], *, fused: bool =
     return model(**kwargs)
 
 
-def _micro_batch(batch: Mapping[str, Array], index: int, count: int) -> dict[str, Array]:
-    rows = jax.tree.leaves(batch)[0].shape[0] // count
-    return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
+def micro_batches(batch: Mapping[str, Array], count: int) -> dict[str, Array]:
+    """``batch`` as ``count`` micro-batches stacked on a new leading axis.
+
+    Micro-batch ``m`` takes rows ``m, m + count, m + 2 count, ...``: every device's contiguous
+    block of the batch holds an equal share of each micro-batch, so splitting moves no data
+    between devices (the loop checks that ``batch_size / count`` divides over the data devices).
+
+    >>> micro_batches({"x": jnp.arange(6)}, 2)["x"].tolist()
+    [[0, 2, 4], [1, 3, 5]]
+    """
+    def split(v: Array) -> Array:
+        return v.reshape(v.shape[0] // count, count, *v.shape[1:]).swapaxes(0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
 
 
 def _all_finite(tree: Any) -> Array:
@@ -99,7 +110,8 @@ def make_train_step(
     and each parameter's update takes its group's rate; loss-balancing weights take the first.
 
     ``batches`` maps each task name to its global batch (arrays with a leading batch axis,
-    split into ``grad_accum`` micro-batches here); ``rest`` is the model's non-parameter
+    split into ``grad_accum`` micro-batches here by :func:`micro_batches`, whose gradients a
+    ``jax.lax.scan`` sums, so compile time does not grow with ``grad_accum``); ``rest`` is the model's non-parameter
     state (dropout RNG streams, reseeded from ``key`` and the micro-batch index).
     """
     learned = composite.balancing == "uncertainty"
@@ -118,13 +130,18 @@ def make_train_step(
             sums = {t.name: t.loss(forward(model, t, micro[t.name], fused=t.loss_from_hidden), micro[t.name]).total for t in tasks}
             return sum(scale[n] * s for n, s in sums.items()), sums
 
-        grads = jax.tree.map(jnp.zeros_like, params)
-        sums = {t.name: zero for t in tasks}
-        for m in range(grad_accum):
-            micro = {n: _micro_batch(b, m, grad_accum) for n, b in batches.items()}
+        def accumulate(carry, micro_and_index):
+            grads, sums = carry
+            micro, m = micro_and_index
             (_, micro_sums), g = jax.value_and_grad(micro_loss, has_aux=True)(params, micro, jax.random.fold_in(key, m))
-            grads = jax.tree.map(jnp.add, grads, g)
-            sums = {n: sums[n] + micro_sums[n] for n in sums}
+            return (jax.tree.map(jnp.add, grads, g), {n: sums[n] + micro_sums[n] for n in sums}), None
+
+        start = (jax.tree.map(jnp.zeros_like, params), {t.name: zero for t in tasks})
+        if grad_accum == 1:
+            (grads, sums), _ = accumulate(start, (batches, 0))
+        else:  # one traced and compiled backward pass, run grad_accum times
+            micro = {n: micro_batches(b, grad_accum) for n, b in batches.items()}
+            (grads, sums), _ = jax.lax.scan(accumulate, start, (micro, jnp.arange(grad_accum)))
 
         def composite_total(lv):
             pairs = {n: jaxloss.SumCount(sums[n], counts[n]) for n in sums}

@@ -1,10 +1,13 @@
 """How well a run uses its devices: FLOPs per step, TFLOP/s and tokens/s per device, and model
 FLOPs utilisation (MFU) against the device's peak.
 
-The FLOPs of a step are XLA's count for the compiled step program (``cost_analysis()``), which
-is the program of one device under SPMD: the work each device does per step. With ``--remat``
-that count includes the recomputed forward passes, so the utilisation is then the hardware's
-(HFU) rather than the model's.
+The FLOPs of a step are those of its matrix products, counted in the traced program
+(:func:`jaxpr_flops`: ``2 M N K`` per product, times the length of every ``scan`` around it)
+and divided by the number of devices: the work of one device when the step is spread evenly.
+XLA's own count (``cost_analysis()``) counts a loop's body once, so it misses all but one of
+the scanned layers and micro-batches. With ``--remat`` the traced backward pass holds the
+recomputed forward products, so the utilisation is then the hardware's (HFU) rather than
+the model's.
 """
 
 from __future__ import annotations
@@ -36,17 +39,49 @@ def peak_tflops(device_kind: str, override: float | None = None) -> float | None
     return PEAK_TFLOPS[max(matches, key=len)] if matches else None
 
 
-def program_flops(executable: Any) -> float | None:
-    """XLA's FLOP count of a compiled program (one device's share under SPMD), or ``None``
-    where the backend does not give one."""
-    try:
-        analysis = executable.cost_analysis()
-    except Exception:  # noqa: BLE001 - a backend without cost analysis
-        return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+def jaxpr_flops(jaxpr: Any) -> float:
+    """FLOPs of the matrix products in a (closed) jaxpr: ``2 * prod(output shape) * K`` for
+    each ``dot_general`` with contracted size ``K``, nested jaxprs included, a ``scan``'s body
+    counted ``length`` times (a ``while`` loop's once; of a ``cond``, the costliest branch).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jnp.ones((4, 8)); w = jnp.ones((8, 16))
+      >>> jaxpr_flops(jax.make_jaxpr(lambda x: x @ w)(x))  # 2 * 4 * 16 * 8
+      1024.0
+      >>> body = lambda h, _: (h @ jnp.ones((8, 8)), None)
+      >>> jaxpr_flops(jax.make_jaxpr(lambda x: jax.lax.scan(body, x, length=3)[0])(x))  # 3 * 2 * 4 * 8 * 8
+      1536.0
+    """
+    inner = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in inner.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            size = 1
+            for axis in contract:
+                size *= lhs[axis]
+            out = 1
+            for dim in eqn.outvars[0].aval.shape:
+                out *= dim
+            total += 2.0 * out * size
+            continue
+        if eqn.primitive.name == "cond":
+            total += max(jaxpr_flops(branch) for branch in eqn.params["branches"])
+        else:
+            nested = sum(_flops_of(value) for value in eqn.params.values())
+            total += nested * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+    return total
+
+
+def _flops_of(param: Any) -> float:
+    """FLOPs of the jaxprs an equation's parameter holds (one, or a tuple of them)."""
+    if isinstance(param, (tuple, list)):
+        return sum(_flops_of(p) for p in param)
+    if hasattr(param, "eqns") or (hasattr(param, "jaxpr") and hasattr(param, "consts")):
+        return jaxpr_flops(param)
+    return 0.0
 
 
 def utilisation(flops: float | None, seconds: float, tokens: int, devices: int,

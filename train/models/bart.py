@@ -46,8 +46,6 @@ from train.models import mapping as M
 from train.models.decoder import eos_tuple
 from train.models.layers import (
     MLP,
-    remat_policy,
-    rematerialised,
     Attention,
     Embed,
     LayerNorm,
@@ -261,7 +259,7 @@ class BartModel(nnx.Module):
     def __init__(self, cfg: Mapping[str, Any], rt: Runtime = Runtime(), *, rngs: nnx.Rngs):
         self.check_config(cfg)
         self.config = HFConfig(cfg)
-        self.remat = rt.remat
+        self.remat, self.scan = rt.remat, rt.scan_layers
         self.dtype = rt.compute
         d = cfg["d_model"]
         self.embed_scale = math.sqrt(d) if cfg.get("scale_embedding", False) else 1.0
@@ -287,7 +285,7 @@ class BartModel(nnx.Module):
             raise ValueError(f"input_ids has {ids.shape[1]} positions, max_position_embeddings is "
                              f"{self.encoder.max_positions}")
         x = self.encoder.embed(self._tokens(ids), default_position_ids(*ids.shape))
-        return run_layers(self.encoder.layers, x, padding_mask(mask), remat=self.remat)
+        return run_layers(self.encoder.layers, x, padding_mask(mask), remat=self.remat, scan=self.scan)
 
     def init_cache(self, encoder_hidden_states: Array, length: int) -> Cache:
         """A decoder cache for ``length`` target positions: per layer ``((keys, values), (cross keys, cross values))``,
@@ -333,14 +331,13 @@ class BartModel(nnx.Module):
         cross_mask = padding_mask(enc_mask)
         x = self.decoder.embed(self._tokens(ids), default_position_ids(B, T, index))
         new_cache = None if cache is None else []
-        for i, layer in enumerate(self.decoder.layers):
-            if cache is None and remat_policy(self.remat) != "none":
-                x, _ = rematerialised(lambda lyr, h, m, e, c: lyr(h, m, e, c), self.remat)(layer, x, self_mask, enc,
-                                                                                             cross_mask)
-            else:
-                x, c = layer(x, self_mask, enc, cross_mask, None if cache is None else cache[i], index)
-                if new_cache is not None:
-                    new_cache.append(c)
+        if cache is None:
+            x = run_layers(self.decoder.layers, x, self_mask, enc, cross_mask, remat=self.remat, scan=self.scan,
+                           call=lambda lyr, h, m, e, c: lyr(h, m, e, c)[0])
+        else:
+            for layer, layer_cache in zip(self.decoder.layers, cache):
+                x, c = layer(x, self_mask, enc, cross_mask, layer_cache, index)
+                new_cache.append(c)
         return x, new_cache
 
     def decoder_inputs(self, source: Any) -> Array:

@@ -120,7 +120,7 @@ class BertModel(nnx.Module):
                  rngs: nnx.Rngs):
         _check_supported(cfg)
         self.config = HFConfig(cfg)
-        self.remat = rt.remat
+        self.remat, self.scan = rt.remat, rt.scan_layers
         self.embeddings = BertEmbeddings(cfg, rt, rngs)
         self.layers = nnx.List([_layer(cfg, rt, rngs) for _ in range(cfg["num_hidden_layers"])])
         d = cfg["hidden_size"]
@@ -137,7 +137,7 @@ class BertModel(nnx.Module):
         if causal:
             steps = jnp.arange(ids.shape[1])
             attend = attend & causal_mask(steps, steps)[None, None]
-        x = run_layers(self.layers, x, attend, remat=self.remat)
+        x = run_layers(self.layers, x, attend, remat=self.remat, scan=self.scan)
         pooled = None if self.pooler is None else jnp.tanh(self.pooler(x[:, 0], jnp.float32))
         return ModelOutput(logits=None, last_hidden_state=x, pooler_output=pooled)
 

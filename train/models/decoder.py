@@ -34,8 +34,6 @@ import jaxloss
 from train.models import generation as G
 from train.models.layers import (
     MLP,
-    remat_policy,
-    rematerialised,
     Attention,
     Embed,
     Linear,
@@ -45,6 +43,7 @@ from train.models.layers import (
     make_norm,
     padding_mask,
     rotary_cos_sin,
+    run_layers,
 )
 from train.models.outputs import HFConfig, ModelOutput, OutputEmbedding, Runtime
 from train.models.partitioning import EMBED, POSITIONS, VOCAB
@@ -103,7 +102,7 @@ class CausalLM(nnx.Module):
     def __init__(self, spec: DecoderSpec, rt: Runtime = Runtime(), *, config: dict | None = None, rngs: nnx.Rngs):
         self.spec = spec
         self.config = HFConfig(config or {})
-        self.remat = rt.remat
+        self.remat, self.scan = rt.remat, rt.scan_layers
         self.dtype = rt.compute
         kw = rt.kw()
         s = spec
@@ -204,13 +203,13 @@ class CausalLM(nnx.Module):
         x = self.dropout(x)
         rotary = rotary_cos_sin(pos, self.spec.head_dim, self.spec.rope_theta) if self.spec.positions == "rotary" else None
         new_cache = None if cache is None else []
-        for i, layer in enumerate(self.layers):
-            if cache is None and remat_policy(self.remat) != "none":
-                x, _ = rematerialised(lambda lyr, h, m, r: lyr(h, m, r), self.remat)(layer, x, mask, rotary)
-            else:
-                x, c = layer(x, mask, rotary, None if cache is None else cache[i], index)
-                if new_cache is not None:
-                    new_cache.append(c)
+        if cache is None:
+            x = run_layers(self.layers, x, mask, rotary, remat=self.remat, scan=self.scan,
+                           call=lambda lyr, h, m, r: lyr(h, m, r)[0])
+        else:
+            for layer, layer_cache in zip(self.layers, cache):
+                x, c = layer(x, mask, rotary, layer_cache, index)
+                new_cache.append(c)
         h = self.final_norm(x)
         logits = self.output_embedding().logits(h) if (compute_logits or labels is not None) else None
         loss = None if labels is None else jaxloss.cross_entropy(logits, next_token_targets(labels))

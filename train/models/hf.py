@@ -125,7 +125,7 @@ def architecture_of(cfg: Mapping[str, Any], architecture: str | None = None) -> 
 
 
 def from_config(config: Any, architecture: str | None = None, *, dtype: str = "float32", param_dtype: str = "float32",
-                remat: bool | str = False, seed: int = 0, **overrides: Any) -> nnx.Module:
+                remat: bool | str = False, scan_layers: bool = False, seed: int = 0, **overrides: Any) -> nnx.Module:
     """A randomly initialised model (in training mode) from a Hugging Face config.
 
     Args:
@@ -134,6 +134,8 @@ def from_config(config: Any, architecture: str | None = None, *, dtype: str = "f
       architecture: e.g. ``"BertForTokenClassification"``; default: the config's.
       dtype: compute dtype (``"float32"`` or ``"bfloat16"``); ``param_dtype``: storage dtype.
       remat: rematerialise each layer in the backward pass: "none", "full" (True) or "dots".
+      scan_layers: run each layer stack as one ``jax.lax.scan`` (same values, compiled once
+        whatever the depth).
       seed: seed of the initialisation and of dropout.
       overrides: config fields to change, e.g. ``num_labels=9`` (resets ``id2label``).
     """
@@ -146,7 +148,7 @@ def from_config(config: Any, architecture: str | None = None, *, dtype: str = "f
     arch = architecture_of(cfg, architecture)
     cfg["architectures"] = [arch]
     cfg.setdefault("model_type", family_of(arch))
-    return ARCHITECTURES[arch](cfg, Runtime(dtype, param_dtype, remat), rngs=nnx.Rngs(seed))
+    return ARCHITECTURES[arch](cfg, Runtime(dtype, param_dtype, remat, scan_layers), rngs=nnx.Rngs(seed))
 
 
 # ---------------------------------------------------------------------- reading tensors
@@ -285,7 +287,8 @@ def state_dict(model: nnx.Module, state: Any = None) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(path: str | os.PathLike, architecture: str | None = None, *, dtype: str = "float32",
-                    param_dtype: str = "float32", remat: bool | str = False, seed: int = 0, strict: bool | None = None,
+                    param_dtype: str = "float32", remat: bool | str = False, scan_layers: bool = False, seed: int = 0,
+                    strict: bool | None = None,
                     with_report: bool = False, **overrides: Any) -> Any:
     """The model a Hugging Face checkpoint folder names, with its weights, in eval mode.
 
@@ -309,7 +312,8 @@ def load_pretrained(path: str | os.PathLike, architecture: str | None = None, *,
     arch = architecture_of(cfg, architecture)
     if strict is None:
         strict = arch == architecture_of(cfg)
-    model = from_config(cfg, arch, dtype=dtype, param_dtype=param_dtype, remat=remat, seed=seed, **overrides)
+    model = from_config(cfg, arch, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers, seed=seed,
+                        **overrides)
     tensors = _align_prefix(read_tensors(path), {m.name for m in _maps(model)}, _BASE_PREFIX[cfg.get("model_type", "")])
     report = load_weights(model, tensors, strict=strict, source=str(path))
     model.eval()
@@ -354,14 +358,15 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> None:
 
 
 def load_multitask(path: str | os.PathLike, heads: Mapping[str, tuple[str, int]], *, dtype: str = "float32",
-                   param_dtype: str = "float32", remat: bool | str = False, seed: int = 0, with_report: bool = False) -> Any:
+                   param_dtype: str = "float32", remat: bool | str = False, scan_layers: bool = False, seed: int = 0,
+                   with_report: bool = False) -> Any:
     """A :class:`~train.models.bert.BertMultiTask` whose trunk (and masked-LM head, when the
     checkpoint has one) comes from a BERT checkpoint; other heads are initialised with ``seed``
     (``with_report``: ``(model, LoadReport)``)."""
     cfg = _config_dict(path)
     if cfg.get("model_type") != "bert":
         raise ValueError(f"multi-task models need a BERT checkpoint, {path} has model_type {cfg.get('model_type')!r}")
-    model = bert.BertMultiTask(cfg, heads, Runtime(dtype, param_dtype, remat), rngs=nnx.Rngs(seed))
+    model = bert.BertMultiTask(cfg, heads, Runtime(dtype, param_dtype, remat, scan_layers), rngs=nnx.Rngs(seed))
     tensors = _align_prefix(read_tensors(path), {m.name for m in _maps(model)}, "bert.")
     report = load_weights(model, tensors, strict=False, source=str(path))
     model.eval()

@@ -570,10 +570,57 @@ def rematerialised(fn: Callable[..., Any], remat: bool | str) -> Callable[..., A
     return nnx.remat(fn, policy=REMAT_POLICIES[name])
 
 
-def run_layers(layers: Sequence[nnx.Module], x: Array, *args: Any, remat: bool | str = False) -> Array:
-    """Applies ``layers`` in order (each ``layer(x, *args) -> x``), rematerialising each one
-    as ``remat`` says (:func:`rematerialised`)."""
-    call = rematerialised(lambda lyr, h, *a: lyr(h, *a), remat)
+def run_layers(layers: Sequence[nnx.Module], x: Array, *args: Any, remat: bool | str = False, scan: bool = False,
+               call: Callable[..., Array] | None = None) -> Array:
+    """Applies ``layers`` in order, ``x = call(layer, x, *args)`` (by default ``layer(x, *args)``),
+    rematerialising each one as ``remat`` says (:func:`rematerialised`).
+
+    With ``scan``, the layers run as one ``jax.lax.scan`` over their stacked states
+    (:func:`scan_layers`): the layer is traced and compiled once, whatever the depth. Values,
+    gradients and dropout masks are those of the loop.
+    """
+    call = call or (lambda layer, h, *a: layer(h, *a))
+    if scan and len(layers) > 1:
+        return scan_layers(layers, x, args, call, remat)
+    step = rematerialised(call, remat)
     for layer in layers:
-        x = call(layer, x, *args)
+        x = step(layer, x, *args)
+    return x
+
+
+def scan_layers(layers: Sequence[nnx.Module], x: Array, args: tuple[Any, ...], call: Callable[..., Array],
+                remat: bool | str = False) -> Array:
+    """``x`` through ``layers`` as one ``jax.lax.scan``: ``x_{i+1} = call(layer_i, x_i, *args)``.
+
+    The layers keep their own parameters (so checkpoints and Hugging Face names are those of
+    separate layers); each call stacks their states on a leading axis, scans one copy of the
+    layer's program over them, and writes the updated non-parameter state (dropout streams'
+    counters) back. Gradients flow to each layer's parameters through the stacking. The
+    stacked copy costs one layer stack of memory for the step.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layers = [nnx.Linear(2, 2, rngs=nnx.Rngs(i)) for i in range(3)]
+    >>> x = jnp.ones((1, 2))
+    >>> loop = layers[2](layers[1](layers[0](x)))
+    >>> bool(jnp.allclose(scan_layers(layers, x, (), lambda lyr, h: lyr(h)), loop))
+    True
+    """
+    graphdef = nnx.graphdef(layers[0])
+    for i, layer in enumerate(layers[1:], 1):
+        if nnx.graphdef(layer) != graphdef:
+            raise ValueError(f"scanned layers must have one structure; layer {i} differs from layer 0")
+    stacked = jax.tree.map(lambda *values: jnp.stack(values), *[nnx.state(layer) for layer in layers])
+
+    def body(h: Array, state: Any) -> tuple[Array, Any]:
+        layer = nnx.merge(graphdef, state)
+        h = call(layer, h, *args)
+        return h, nnx.state(layer, nnx.Not(nnx.Param))
+
+    name = remat_policy(remat)
+    if name != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[name], prevent_cse=False)
+    x, updated = jax.lax.scan(body, x, stacked)
+    for i, layer in enumerate(layers):
+        nnx.update(layer, jax.tree.map(lambda value: value[i], updated))
     return x
