@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from jax.experimental import checkify
 
 
 def as_float_array(x: Any, name: str) -> Array:
@@ -72,17 +71,23 @@ def check_class_ids(
     """Raises when a counted class id lies outside ``[0, num_classes)``.
 
     On concrete arrays this raises ``ValueError`` at once, naming the first bad position and
-    value. Under ``jit`` it records a ``checkify`` check, so run the function through
-    ``jax.experimental.checkify.checkify`` to get the same error from compiled code.
+    value. Under a transformation (``jit``, ``grad``, ``vmap``, ``shard_map``,
+    ``checkify``) the check runs on the device values through ``jax.debug.callback``: the
+    call raises ``jax.errors.JaxRuntimeError`` whose message ends with the same
+    ``ValueError``. That costs one host round trip per call, so ``validate=True`` is a
+    debugging aid, off by default.
     """
     bad = counted & ((targets < 0) | (targets >= num_classes))
     if isinstance(bad, jax.core.Tracer) or isinstance(targets, jax.core.Tracer):
-        flat_index = jnp.argmax(bad.reshape(-1))
-        checkify.check(
-            ~jnp.any(bad),
-            f"{name} holds a class id outside [0, {num_classes}) at flat index {{index}}: {{value}}",
-            index=flat_index,
-            value=targets.reshape(-1)[flat_index],
+        flat_bad = bad.reshape(-1)
+        flat_index = jnp.argmax(flat_bad)
+        jax.debug.callback(
+            _raise_for_bad_class_id,
+            jnp.sum(flat_bad),
+            flat_index,
+            targets.reshape(-1)[flat_index],
+            name=name,
+            num_classes=num_classes,
         )
         return
     bad_np = np.asarray(bad)
@@ -93,3 +98,21 @@ def check_class_ids(
             f"{name}[{', '.join(map(str, position))}] = {value} is not a class id in [0, {num_classes}) "
             f"(and is not the ignore_index); {int(bad_np.sum())} such element(s) in total"
         )
+
+
+def _raise_for_bad_class_id(count: Any, flat_index: Any, value: Any, *, name: str, num_classes: int) -> None:
+    """Host side of the traced class-id check: raises ``ValueError`` when ``count > 0``.
+
+    Under ``vmap`` the arguments arrive batched; the first batch element with a bad id is
+    reported.
+    """
+    counts = np.asarray(count).reshape(-1)
+    if not counts.any():
+        return
+    first = int(np.argmax(counts > 0))
+    index = int(np.asarray(flat_index).reshape(-1)[first])
+    bad_value = int(np.asarray(value).reshape(-1)[first])
+    raise ValueError(
+        f"{name} holds a class id outside [0, {num_classes}) at flat index {index}: {bad_value} "
+        f"(and it is not the ignore_index); {int(counts.sum())} such element(s) in total"
+    )

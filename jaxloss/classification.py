@@ -106,8 +106,9 @@ def cross_entropy(
     nothing, have zero gradient even if their logits are NaN, and do not count in the mean.
     When nothing is counted, ``"mean"`` is NaN (as in PyTorch) while ``"sum_count"`` gives
     a pair whose ``.mean()`` is 0. A counted class id outside ``[0, C)`` gives NaN, never a
-    plausible number; ``validate=True`` raises instead (on concrete inputs at once, under
-    ``jit`` through ``jax.experimental.checkify``).
+    plausible number; ``validate=True`` raises instead (on concrete inputs at once; under
+    ``jit`` and other transformations when the compiled call runs, through
+    ``jax.debug.callback``).
 
     A logit of ``-inf`` on a non-target class (a masked vocabulary) gives finite values and
     gradients; a ``-inf`` target logit gives ``inf``. With label smoothing every class enters

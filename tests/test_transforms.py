@@ -104,7 +104,7 @@ def test_vmap_over_targets_and_masks():
 @pytest.fixture(scope="module")
 def mesh():
     if jax.device_count() < 4:
-        pytest.skip("needs 4 devices (tests/conftest.py simulates them on the CPU)")
+        pytest.skip("needs 4 devices (the root conftest.py simulates them on the CPU)")
     return Mesh(np.array(jax.devices()[:4]), ("data",))
 
 
@@ -224,17 +224,26 @@ def test_sum_count_psum_inside_shard_map_then_mean(mesh):
     np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=1e-7)
 
 
-def test_validate_under_jit_through_checkify():
+def test_validate_under_checkify_grad_and_vmap():
     from jax.experimental import checkify
 
-    targets = jnp.array([0, 2, 9, 1])
+    x = jnp.zeros((4, 3), jnp.float32)
     fn = checkify.checkify(jax.jit(lambda x, t: jaxloss.cross_entropy(x, t, validate=True)))
-    err, value = fn(jnp.zeros((4, 3), jnp.float32), targets)
-    with pytest.raises(checkify.JaxRuntimeError, match=r"flat index 2: 9"):
-        err.throw()
-    err, value = fn(jnp.zeros((4, 3), jnp.float32), jnp.array([0, 2, -100, 1]))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"flat index 2: 9"):
+        jax.block_until_ready(fn(x, jnp.array([0, 2, 9, 1])))
+    err, value = fn(x, jnp.array([0, 2, -100, 1]))
     err.throw()
     np.testing.assert_allclose(float(value), np.log(3.0), rtol=1e-6)
+
+    grad = jax.jit(jax.grad(lambda x, t: jaxloss.cross_entropy(x, t, validate=True)))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"flat index 1: 3"):
+        jax.block_until_ready(grad(x, jnp.array([0, 3, 1, 1])))
+    np.testing.assert_allclose(np.asarray(grad(x, jnp.array([0, 1, 2, 1]))).sum(), 0.0, atol=1e-6)
+
+    per_row = jax.jit(jax.vmap(lambda x, t: jaxloss.cross_entropy(x, t, validate=True)))
+    rows = jnp.array([[0, 1], [2, -7]])
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"flat index 1: -7"):
+        jax.block_until_ready(per_row(jnp.zeros((2, 2, 3), jnp.float32), rows))
 
 
 def test_traced_label_smoothing_and_z_loss_equal_static_ones():
