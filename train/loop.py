@@ -35,7 +35,16 @@ from train.compilation import CompiledSteps, CompileStats, compile_all, enable_c
 from train.config import TaskSpec, TrainConfig
 from train.data.batching import Batcher
 from train.data.records import DataError
-from train.modeling import build_model, build_tokenizer, check_checkpoint, checkpoint_folders, save_final_model
+from train.modeling import (
+    build_model,
+    build_tokenizer,
+    check_checkpoint,
+    checkpoint_folders,
+    lora_config_for,
+    save_final_model,
+    save_lora_model,
+)
+from train.models.lora import add_lora, trainable_paths_filter
 from train.optim import learning_rate_at, make_optimizer
 from train.plots import plot_run
 from train.prefetch import Item, Prefetcher
@@ -315,13 +324,26 @@ def run(config: TrainConfig) -> RunResult:
     composite = composite_loss(config, tasks)
 
     model, new_paths = build_model(config, tasks, tokenizer, mesh, model_dir=model_dir)
+    lora = lora_config_for(config, model, new_paths or set())
+    trainable = nnx.Param  # with LoRA: the adapters and the new heads; the rest is frozen in `rest`
+    if lora is not None:
+        adapted = add_lora(model, lora, nnx.Rngs(config.seed))
+        trainable = trainable_paths_filter(new_paths or set())
+        logger.info("LoRA rank %d, alpha %g on %d layers (%s); trained in full: %s", lora.rank, lora.alpha, len(adapted),
+                    ", ".join(lora.targets), ", ".join(lora.modules_to_save) or "nothing else")
     model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, trainable, ...)
     new_parameters = None if new_paths is None else jax.tree_util.tree_map_with_path(
         lambda path, _: _path_tuple(path) in new_paths, params)
     model.eval()
-    eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
+    eval_graphdef = nnx.split(model, trainable, ...)[0]
     params = sharding.shard_state(params, mesh)
+    if lora is not None:  # the frozen pre-trained weights live in `rest` and are laid out like parameters
+        rest = sharding.shard_state(rest, mesh)
+    trainable_count = sum(x.size for x in jax.tree.leaves(params))
+    total_count = trainable_count + sum(x.size for x in jax.tree.leaves(nnx.state(rest, nnx.Param)))
+    logger.info("trainable parameters: %d of %d (%.2f%%)", trainable_count, total_count,
+                100.0 * trainable_count / max(total_count, 1))
     replicated = NamedSharding(mesh, PartitionSpec())
     log_vars = jax.device_put(composite.init(), replicated)
     state_shardings = _state_shardings(optimizer, params, log_vars, mesh)
@@ -541,14 +563,18 @@ def run(config: TrainConfig) -> RunResult:
         logger.info("model/ holds step %d, the best by %s (%.4f; step %d: %.4f)", best_step, best_metric, best_value,
                     step, final.get(best_metric, float("nan")))
     checkpoints.close()
-    summary = {"final_step": step, "model_step": best_step if model_params is not params else step,
+    summary = {"final_step": step, "trainable_parameters": trainable_count, "parameters": total_count, "model_step": best_step if model_params is not params else step,
                "best_metric": best_metric, "best_value": best_value, "stop_reason": stop_reason,
                "horizon": horizon, "final": final,
                # the signal this process received; another process's (a multi-host stop): SIGTERM
                "stop_signal": int(preemption.received or signal.SIGTERM) if stop_reason == STOPPED_BY_SIGNAL else None}
     if jax.process_index() == 0:
         trained = nnx.merge(eval_graphdef, model_params, rest, copy=True)
-        save_final_model(trained, tasks, tokenizer, out_dir / "model")
+        if lora is not None:
+            save_lora_model(trained, lora, tasks, tokenizer, out_dir / "model", base=str(model_dir),
+                            merged_path=out_dir / "model-merged" if config.merge_lora else None)
+        else:
+            save_final_model(trained, tasks, tokenizer, out_dir / "model")
         plot_run(out_dir)
     timings.since("final", final_start)
     recorder.close()

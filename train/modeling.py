@@ -6,7 +6,9 @@
   ``--model-size``: a BERT encoder with the task's head, a GPT-2 decoder for ``lm``, a BART
   encoder-decoder for ``seq2seq``, or one BERT trunk with a head per task for ``multitask``.
 - Output: the trained model in Hugging Face format (a multi-task model: its trunk, which
-  ``transformers.AutoModel`` loads, and its heads in ``heads.safetensors``).
+  ``transformers.AutoModel`` loads, and its heads in ``heads.safetensors``); with
+  ``--lora-rank`` a peft adapter instead (``adapter_config.json``, ``adapter_model.safetensors``),
+  and with ``--merge-lora`` the merged plain model beside it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from train import sharding
 from train.config import TrainConfig
 from train.data.tokenization import load_tokenizer, train_tokenizer
 from train.models import BertMultiTask, from_config, load_pretrained, save_pretrained, state_dict
-from train.models.hf import parameter_paths
+from train.models.hf import family_of, parameter_paths
+from train.models.lora import (
+    ADAPTER_CONFIG,
+    DEFAULT_TARGETS,
+    LoraConfig,
+    load_adapter,
+    merge_lora,
+    modules_of_paths,
+    save_adapter,
+)
 from train.models.outputs import Runtime
 from train.models.sources import resolve_checkpoint
 from train.tasks.base import Task
@@ -208,6 +219,17 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
     return sharding.create_sharded(make, mesh), None
 
 
+def lora_config_for(config: TrainConfig, model: nnx.Module, new_paths: set[tuple[Any, ...]]) -> LoraConfig | None:
+    """The run's LoRA settings (``None`` without ``--lora-rank``): the targets asked for, or the
+    model family's defaults, and the new heads as ``modules_to_save``."""
+    if not config.lora_rank:
+        return None
+    family = family_of(type(model).__name__) or "bert"
+    targets = tuple(t.strip() for t in (config.lora_targets or "").split(",") if t.strip()) or DEFAULT_TARGETS[family]
+    return LoraConfig(rank=config.lora_rank, targets=targets, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                      modules_to_save=tuple(modules_of_paths(model, new_paths)))
+
+
 def save_final_model(model: nnx.Module, tasks: Sequence[Task], tokenizer: Any, path: Path) -> None:
     """Writes the trained model and its tokenizer as a Hugging Face folder."""
     path.mkdir(parents=True, exist_ok=True)
@@ -223,6 +245,60 @@ def save_final_model(model: nnx.Module, tasks: Sequence[Task], tokenizer: Any, p
     cfg["architectures"] = ["BertModel"]
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     save_file({k: np.ascontiguousarray(v) for k, v in trunk.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _save_heads(model, tasks, path)
+
+
+def _save_heads(model: BertMultiTask, tasks: Sequence[Task], path: Path) -> None:
+    from safetensors.numpy import save_file
+
     heads = {f"{'/'.join(map(str, p))}": np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model.heads, nnx.Param))}
     save_file({k: np.ascontiguousarray(v) for k, v in heads.items()}, str(path / "heads.safetensors"))
     (path / "heads.json").write_text(json.dumps({t.name: {"kind": t.head()[0], "num_labels": t.head()[1], **t.state()} for t in tasks}, indent=2))
+
+
+def load_heads(model: BertMultiTask, path: Path) -> None:
+    """Reads a multi-task model's heads from ``path/heads.safetensors`` (in place)."""
+    import jax.numpy as jnp
+    from safetensors.numpy import load_file
+
+    heads = load_file(str(path / "heads.safetensors"))
+    flat = {tuple(int(p) if p.isdigit() else p for p in k.split("/")): v for k, v in heads.items()}
+    nnx.update(model.heads, nnx.from_flat_state({k: jnp.asarray(v) for k, v in flat.items()}))
+
+
+def save_lora_model(model: nnx.Module, lora: LoraConfig, tasks: Sequence[Task], tokenizer: Any, path: Path, *,
+                    base: str, merged_path: Path | None = None) -> None:
+    """Writes the run's adapter in peft's format (and a multi-task model's heads) with the
+    tokenizer; with ``merged_path`` also the adapters merged into a plain model there."""
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(path))
+    save_adapter(model, lora, path, base_model_name_or_path=base)
+    if isinstance(model, BertMultiTask):
+        _save_heads(model, tasks, path)
+    if merged_path is not None:
+        merge_lora(model)
+        save_final_model(model, tasks, tokenizer, merged_path)
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def load_lora_model(config: TrainConfig, tasks: Sequence[Task], path: Path) -> nnx.Module:
+    """A LoRA run's model: its base checkpoint (``--model`` of the run), the adapter and, for
+    a multi-task run, the heads saved in ``path``."""
+    model_dir, _ = checkpoint_folders(config)
+    if model_dir is None:
+        raise FileNotFoundError(f"{path} holds a LoRA adapter but the run's config names no --model to adapt")
+    if is_shared_trunk_run(tasks):
+        from train.models import load_multitask
+
+        model = load_multitask(model_dir, {t.name: t.head() for t in tasks})
+        load_adapter(model, path)
+        load_heads(model, path)
+        return model
+    task = tasks[0]
+    arch = None if task.kind in ("lm", "seq2seq") else ENCODER_ARCHITECTURE[task.kind]
+    model = load_pretrained(model_dir, arch, strict=False, **_label_overrides(task))
+    load_adapter(model, path)
+    return model

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
-from safetensors.numpy import load_file
 
 import jaxloss
 from train import metrics
@@ -45,7 +44,7 @@ from train.config import TrainConfig
 from train.data.batching import sequence_pad_values
 from train.data.records import DataError
 from train.data.tokenization import encode_tagged, load_tokenizer
-from train.modeling import is_shared_trunk_run
+from train.modeling import is_adapter_folder, is_shared_trunk_run, load_heads, load_lora_model
 from train.models import load_multitask, load_pretrained
 from train.step import forward
 from train.tasks.base import Task
@@ -69,11 +68,11 @@ def load_run(run_dir: str | Path, task_name: str | None = None) -> tuple[TrainCo
     if task is None:
         raise ValueError(f"--task {task_name!r} is not one of {names}")
     tokenizer = load_tokenizer(run_dir / "model")
-    if is_shared_trunk_run(tasks):
+    if is_adapter_folder(run_dir / "model"):
+        model = load_lora_model(config, tasks, run_dir / "model")
+    elif is_shared_trunk_run(tasks):
         model = load_multitask(run_dir / "model", {t.name: t.head() for t in tasks})
-        heads = load_file(str(run_dir / "model" / "heads.safetensors"))
-        flat = {tuple(int(p) if p.isdigit() else p for p in k.split("/")): v for k, v in heads.items()}
-        nnx.update(model.heads, nnx.from_flat_state({k: jnp.asarray(v) for k, v in flat.items()}))
+        load_heads(model, run_dir / "model")
     else:
         model = load_pretrained(run_dir / "model")
     model.eval()

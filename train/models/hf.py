@@ -218,13 +218,14 @@ def _maps(model: nnx.Module) -> list[TensorMap]:
 
 
 def load_weights(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, strict: bool = True,
-                 source: str = "checkpoint") -> LoadReport:
+                 source: str = "checkpoint", warn_missing: bool = True) -> LoadReport:
     """Copies PyTorch-named ``tensors`` into ``model``'s parameters (in place).
 
     With ``strict`` a tensor the model needs but ``tensors`` lacks, or one the model has no
     place for, raises :class:`CheckpointError` naming them; without, missing parameters keep
-    their initial values and extra tensors are ignored (both listed in the report). A shape
-    mismatch always raises, naming the tensor and both shapes.
+    their initial values and extra tensors are ignored (both listed in the report; the missing
+    ones logged unless ``warn_missing`` is False, for a partial update). A shape mismatch
+    always raises, naming the tensor and both shapes.
     """
     params = _flat_params(model)
     maps = _maps(model)
@@ -255,7 +256,7 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, strict
         for var, value in zip(vars_, m.to_model(tensor)):
             var.set_value(jnp.asarray(value, dtype=var[...].dtype))
         loaded.append(m.name)
-    if missing:
+    if missing and warn_missing:
         log.warning("%s: %d parameter(s) not in the checkpoint keep their initial values: %s", source, len(missing),
                     ", ".join(missing))
     return LoadReport(tuple(loaded), tuple(missing), tuple(unexpected))

@@ -105,6 +105,9 @@ class Linear(nnx.Module):
       axes: logical axis names of the kernel ``(in, out)``; the bias takes ``axes[1]``.
       dtype: compute dtype; ``param_dtype``: storage dtype of the parameters.
       out_dtype: dtype of the result (``dtype`` by default; float32 keeps the full accumulator).
+
+    ``lora`` holds a LoRA adapter when :func:`train.models.lora.add_lora` put one here; its
+    update ``(alpha / r) dropout(x) A B`` is added to ``x W`` before the bias.
     """
 
     def __init__(
@@ -123,11 +126,14 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.kernel = _param(rngs, normal_init(std), (in_features, out_features), axes, param_dtype)
         self.bias = _param(rngs, zeros_init, (out_features,), (axes[1],), param_dtype) if use_bias else None
+        self.lora: nnx.Module | None = nnx.data(None)
 
     def __call__(self, x: Array, out_dtype: Dtype | None = None) -> Array:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects inputs with last dimension {self.in_features}, got shape {x.shape}")
         y = matmul(x, self.kernel[...], self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x, self.dtype)
         if self.bias is not None:
             y = y + lead(self.bias[...].astype(jnp.float32), y.ndim)
         return y.astype(out_dtype or self.dtype)

@@ -1,0 +1,328 @@
+"""LoRA adapters on the models' linear layers, in the names and file format of ``peft``.
+
+A targeted linear layer ``y = x W + b`` becomes
+
+    y = x W + b + (alpha / r) * dropout(x) A B
+
+with ``A`` of shape ``(in, r)`` (uniform in ``±1/sqrt(in)``, as peft's Kaiming init) and
+``B`` of shape ``(r, out)`` (zeros), so a fresh adapter leaves the model unchanged. ``W`` and
+``b`` stay as they are; ``A`` and ``B`` are :class:`flax.nnx.LoRAParam`, so
+``nnx.state(model, nnx.LoRAParam)`` selects exactly the adapters, and they carry the logical
+axes of their base kernel (``A`` its input axis, ``B`` its output axis) for sharding.
+
+Targets are matched against the Hugging Face module names of the model (its
+``tensor_maps``) as ``peft`` matches ``target_modules``: a name equal to a target, or ending
+in ``"." + target``. Adapters are written and read as ``adapter_config.json`` +
+``adapter_model.safetensors``, with peft's tensor names
+(``base_model.model.<module>.lora_A.weight`` of shape ``(r, in)``, ``lora_B.weight`` of
+shape ``(out, r)``, and ``modules_to_save`` under their plain names).
+
+Example:
+  >>> from transformers import BertConfig
+  >>> from train.models import from_config
+  >>> model = from_config(BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1,
+  ...     num_attention_heads=2, intermediate_size=16), "BertModel")
+  >>> names = add_lora(model, LoraConfig(rank=2, targets=("query", "value")), nnx.Rngs(0))
+  >>> names
+  ['encoder.layer.0.attention.self.query', 'encoder.layer.0.attention.self.value']
+  >>> sum(v[...].size for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+  64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import Array
+
+from train.models.matmul import matmul
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how (peft's ``LoraConfig`` fields of the same meaning)."""
+
+    rank: int  # r: the inner dimension of A B
+    targets: tuple[str, ...]  # target_modules: Hugging Face module names or their last parts
+    alpha: float = 8.0  # lora_alpha: the update is scaled by alpha / rank
+    dropout: float = 0.0  # lora_dropout: on the adapter's input only
+    modules_to_save: tuple[str, ...] = ()  # trained in full and saved with the adapter (task heads)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not self.targets:
+            raise ValueError("LoRA needs at least one target module")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoraAdapter(nnx.Module):
+    """The low-rank update ``(alpha / r) * dropout(x) A B`` of one linear layer."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, axes: tuple[Any, Any],
+                 param_dtype: Any, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_features)
+        a = jax.random.uniform(rngs.params(), (in_features, config.rank), param_dtype, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a, out_sharding=(axes[0], None), eager_sharding=False)
+        self.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, out_features), param_dtype),
+                                    out_sharding=(None, axes[1]), eager_sharding=False)
+        self.scaling = config.scaling
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+    def __call__(self, x: Array, dtype: Any) -> Array:
+        """The float32 update for inputs ``x`` of shape ``(..., in)``."""
+        h = matmul(self.dropout(x), self.lora_a[...], dtype)
+        return matmul(h, self.lora_b[...], dtype) * self.scaling
+
+
+#: The layers that get adapters when no targets are given, by model family: the attention's
+#: query and value projections, as peft's defaults (GPT-2's fused ``c_attn`` takes no adapter
+#: here, so its attention output and MLP input projections stand in).
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "gpt2": ("c_proj", "c_fc"),
+    "llama": ("q_proj", "v_proj"),
+    "bart": ("q_proj", "v_proj"),
+    "marian": ("q_proj", "v_proj"),
+}
+
+
+def modules_of_paths(model: nnx.Module, paths: set[tuple[Any, ...]]) -> list[str]:
+    """The Hugging Face module names whose every tensor lies at one of ``paths`` (e.g. new heads)."""
+    modules: dict[str, bool] = {}
+    for m in model.tensor_maps():
+        module = m.name.rsplit(".", 1)[0]
+        inside = all(tuple(p) in paths for p in m.paths)
+        modules[module] = modules.get(module, True) and inside
+    return sorted(name for name, inside in modules.items() if inside)
+
+
+def module_names(model: nnx.Module) -> dict[str, tuple[str | int, ...]]:
+    """``{Hugging Face module name: model path}`` of every linear layer the model maps.
+
+    A layer whose one PyTorch weight fills several parameters here (GPT-2's ``c_attn``) is
+    left out: it cannot take one adapter.
+    """
+    names = {}
+    for m in model.tensor_maps():
+        if m.name.endswith(".weight") and len(m.paths) == 1 and m.paths[0][-1] == "kernel":
+            names[m.name[: -len(".weight")]] = tuple(m.paths[0][:-1])
+    return names
+
+
+def conv1d_module_names(model: nnx.Module) -> set[str]:
+    """The module names whose PyTorch weight is already ``(in, out)`` (GPT-2's ``Conv1D``)."""
+    return {m.name[: -len(".weight")] for m in model.tensor_maps()
+            if m.kind == "copy" and len(m.paths) == 1 and m.paths[0][-1] == "kernel"}
+
+
+def split_module_names(model: nnx.Module) -> list[str]:
+    """The module names whose weight is split over several parameters here (no adapter)."""
+    return [m.name[: -len(".weight")] for m in model.tensor_maps() if len(m.paths) > 1 and m.name.endswith(".weight")]
+
+
+def matches(name: str, target: str) -> bool:
+    """peft's rule for a ``target_modules`` list entry.
+
+    >>> matches("bert.encoder.layer.0.attention.self.query", "query"), matches("x.query_proj", "query")
+    (True, False)
+    """
+    return name == target or name.endswith("." + target)
+
+
+def _module_at(model: nnx.Module, path: Sequence[str | int]) -> Any:
+    node: Any = model
+    for part in path:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return node
+
+
+def _axes(variable: nnx.Variable) -> tuple[Any, Any]:
+    axes = variable.get_metadata().get("out_sharding") or (None, None)
+    return tuple(axes)  # type: ignore[return-value]
+
+
+def add_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> list[str]:
+    """Puts a fresh adapter on every linear layer ``config.targets`` names; returns their names.
+
+    Raises ``ValueError`` naming the targets that match no layer (with the layers there are),
+    or a layer that cannot take an adapter.
+    """
+    names = module_names(model)
+    split = split_module_names(model)
+    chosen = sorted({n for n in names for t in config.targets if matches(n, t)})
+    unsupported = sorted({n for n in split for t in config.targets if matches(n, t)})
+    if unsupported:
+        raise ValueError(f"LoRA targets {unsupported}: their one PyTorch weight is split over several parameters "
+                         f"here, which takes no adapter yet; target other modules")
+    unmatched = [t for t in config.targets if not any(matches(n, t) for n in names)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"LoRA targets {unmatched} match no linear layer of {type(model).__name__}; "
+                         f"its layers end in: {', '.join(leaves)}")
+    for name in chosen:
+        layer = _module_at(model, names[name])
+        kernel = layer.kernel
+        layer.lora = LoraAdapter(layer.in_features, layer.out_features, config, _axes(kernel), kernel[...].dtype, rngs)
+    return chosen
+
+
+def trainable_paths_filter(paths: set[tuple[Any, ...]]) -> nnx.filterlib.Filter:
+    """The adapters, and the parameters at ``paths`` (trained in full, e.g. new heads)."""
+    return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, lambda path, _value: tuple(path) in paths))
+
+
+def trainable_filter(model: nnx.Module, config: LoraConfig) -> nnx.filterlib.Filter:
+    """The ``nnx`` filter of what a LoRA run trains: the adapters and ``modules_to_save``."""
+    names = module_names(model)
+    saved_paths = []
+    for target in config.modules_to_save:
+        found = [p for n, p in names.items() if matches(n, target)]
+        if not found:
+            raise ValueError(f"modules_to_save entry {target!r} matches no layer of {type(model).__name__}")
+        saved_paths.extend(found)
+
+    def under_saved(path: tuple, _value: Any) -> bool:
+        return any(tuple(path[: len(p)]) == p for p in saved_paths)
+
+    return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, under_saved))
+
+
+# ---------------------------------------------------------------------- peft files
+
+
+def adapter_tensors(model: nnx.Module, config: LoraConfig) -> dict[str, np.ndarray]:
+    """The adapter (and ``modules_to_save``) as peft's PyTorch-named tensors."""
+    names = module_names(model)
+    out = {}
+    for name, path in names.items():
+        layer = _module_at(model, path)
+        if getattr(layer, "lora", None) is not None:
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.lora.lora_a[...], np.float32).T)
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.lora.lora_b[...], np.float32).T)
+    if config.modules_to_save:
+        from train.models.hf import state_dict
+
+        full = state_dict(model)
+        for tensor_name, value in full.items():
+            module = tensor_name.rsplit(".", 1)[0]
+            if any(matches(module, t) for t in config.modules_to_save):
+                out[PEFT_PREFIX + tensor_name] = value
+    return out
+
+
+def save_adapter(model: nnx.Module, config: LoraConfig, path: str | os.PathLike, *,
+                 base_model_name_or_path: str | None = None, task_type: str | None = None) -> None:
+    """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` as peft does."""
+    from safetensors.numpy import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    conv1d = conv1d_module_names(model)
+    # peft's name for a Conv1D target; A and B keep their nn.Linear layouts either way
+    fan_in_fan_out = any(matches(n, t) for n in conv1d for t in config.targets)
+    peft_config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": list(config.targets), "modules_to_save": list(config.modules_to_save) or None,
+        "bias": "none", "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    save_file(adapter_tensors(model, config), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
+    """The :class:`LoraConfig` of a peft adapter folder (a LoRA without per-module ranks)."""
+    file = Path(path) / ADAPTER_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file (a peft adapter folder holds {ADAPTER_CONFIG})")
+    raw = json.loads(file.read_text())
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{file}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are read")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if raw.get(key):
+            raise ValueError(f"{file}: {key} (per-module ranks or alphas) is not supported")
+    for key in ("use_dora", "use_rslora"):
+        if raw.get(key):
+            raise ValueError(f"{file}: {key}=true is not supported")
+    targets = raw["target_modules"]
+    if isinstance(targets, str):
+        raise ValueError(f"{file}: target_modules as a regular expression ({targets!r}) is not supported; "
+                         f"give a list of names")
+    return LoraConfig(rank=int(raw["r"]), targets=tuple(targets), alpha=float(raw["lora_alpha"]),
+                      dropout=float(raw.get("lora_dropout") or 0.0),
+                      modules_to_save=tuple(dict.fromkeys(raw.get("modules_to_save") or ())))
+
+
+def load_adapter(model: nnx.Module, path: str | os.PathLike, rngs: nnx.Rngs | None = None) -> LoraConfig:
+    """Adds the adapter saved in a peft folder to ``model`` (in place); returns its config.
+
+    Every tensor in the file must find its place, and every adapter its two tensors;
+    otherwise ``ValueError`` names them.
+    """
+    from safetensors.numpy import load_file
+
+    from train.models.hf import load_weights
+
+    config = read_adapter_config(path)
+    file = Path(path) / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+    tensors = {re.sub(r"\.default\.", ".", k): v for k, v in load_file(str(file)).items()}
+    adapted = add_lora(model, config, rngs or nnx.Rngs(0))
+    names = module_names(model)
+    used = set()
+    for name in adapted:
+        layer = _module_at(model, names[name])
+        for key, variable in (("lora_A", layer.lora.lora_a), ("lora_B", layer.lora.lora_b)):
+            tensor_name = f"{PEFT_PREFIX}{name}.{key}.weight"
+            if tensor_name not in tensors:
+                raise ValueError(f"{file}: lacks {tensor_name}")
+            value = tensors[tensor_name].T
+            if value.shape != variable[...].shape:
+                raise ValueError(f"{file}: {tensor_name} has shape {tensors[tensor_name].shape}, "
+                                 f"expected {variable[...].T.shape}")
+            variable.set_value(jnp.asarray(value, variable[...].dtype))
+            used.add(tensor_name)
+    saved = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items() if k not in used and k.startswith(PEFT_PREFIX)}
+    leftover = sorted(k for k in tensors if k not in used and not k.startswith(PEFT_PREFIX))
+    if leftover:
+        raise ValueError(f"{file}: tensors outside {PEFT_PREFIX!r}: {leftover[:5]}")
+    if saved:
+        load_weights(model, saved, strict=False, source=str(file), warn_missing=False)
+    return config
+
+
+def merge_lora(model: nnx.Module) -> int:
+    """Folds every adapter into its kernel, ``W += (alpha / r) A B``, and removes it; returns the count."""
+    count = 0
+    for _, layer in list(nnx.iter_modules(model)):
+        adapter = getattr(layer, "lora", None)
+        if isinstance(adapter, LoraAdapter):
+            a = adapter.lora_a[...].astype(jnp.float32)
+            b = adapter.lora_b[...].astype(jnp.float32)
+            kernel = layer.kernel
+            kernel.set_value((kernel[...].astype(jnp.float32) + adapter.scaling * (a @ b)).astype(kernel[...].dtype))
+            layer.lora = None
+            count += 1
+    return count
