@@ -12,6 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxloss  # noqa: E402
+from tests.torch_parity import compare  # noqa: E402
 from train.models import (  # noqa: E402
     BartForConditionalGeneration,
     BartModel,
@@ -22,7 +23,6 @@ from train.models import (  # noqa: E402
     state_dict,
 )
 from train.models.bart import shift_tokens_right  # noqa: E402
-from train.models.torch_parity import compare  # noqa: E402
 
 V, B, S, T = 99, 3, 9, 7
 PAD = 1

@@ -13,8 +13,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxloss  # noqa: E402
+from tests.torch_parity import compare  # noqa: E402
 from train.models import BertMultiTask, load_multitask, load_pretrained, save_pretrained  # noqa: E402
-from train.models.torch_parity import compare  # noqa: E402
 
 V, B, T = 99, 3, 9
 

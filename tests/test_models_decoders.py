@@ -11,8 +11,8 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 import jaxloss  # noqa: E402
+from tests.torch_parity import compare  # noqa: E402
 from train.models import generate, load_pretrained  # noqa: E402
-from train.models.torch_parity import compare  # noqa: E402
 
 V, B, T = 99, 3, 8
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxloss  # noqa: E402
+from tests.torch_parity import compare  # noqa: E402
 from train.models import (  # noqa: E402
     MarianModel,
     MarianMTModel,
@@ -22,7 +23,6 @@ from train.models import (  # noqa: E402
     state_dict,
 )
 from train.models.bart import sinusoidal_positions  # noqa: E402
-from train.models.torch_parity import compare  # noqa: E402
 
 V, B, S, T, D = 99, 3, 9, 7, 32
 PAD, EOS = V - 1, 0  # Marian: pad is the last id and the decoder start, eos is 0
