@@ -17,8 +17,9 @@ gradient for per-row coefficients ``(a, b, c)`` is
 Columns a tile covers twice (the last, clamped chunk of a vocabulary that the chunk size
 does not divide) and padding are masked: their logit reads as ``-inf``, their class weight
 as 0, so they enter neither the logsumexp, the target, the smoothing sum nor the gradient.
-Matmuls take 16-bit operands and accumulate in float32 (``preferred_element_type``), with
-the contracting axis of the left operand last (the fast layout of XLA:CPU's GEMM).
+Matmuls (:func:`jaxloss.matmul.dot`) take 16-bit operands and accumulate in float32
+(``preferred_element_type``), with the contracting axis of the left operand last (the fast
+layout of XLA:CPU's GEMM).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jax.experimental.layout import Layout, with_layout_constraint
+
+from jaxloss.matmul import dot, transposed
 
 DV = "dv"
 VD = "vd"
@@ -65,35 +67,6 @@ class Chunks(NamedTuple):
 def make_chunks(total: int, size: int) -> Chunks:
     """Chunks of at most ``size`` (at least 1) items over ``total`` items."""
     return Chunks(total, max(1, min(size, total)))
-
-
-def wider_float(*dtypes: jnp.dtype) -> jnp.dtype:
-    """The narrowest float dtype holding all ``dtypes`` exactly (bf16 with f16 gives f32).
-
-    Written out because ``jnp.promote_types`` refuses bf16 with f32 under
-    ``jax_numpy_dtype_promotion="strict"``.
-    """
-    dtypes = [jnp.dtype(d) for d in dtypes]
-    if all(d == dtypes[0] for d in dtypes):
-        return dtypes[0]
-    return jnp.dtype(jnp.float64) if any(d.itemsize == 8 for d in dtypes) else jnp.dtype(jnp.float32)
-
-
-def accumulation_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
-    """float32, or float64 when any input is float64."""
-    return wider_float(jnp.float32, *dtypes)
-
-
-def dot(a: Array, b: Array, contract_b: int, out_like: Array | None = None) -> Array:
-    """``a @ b`` (``contract_b=0``) or ``a @ b.T`` (``contract_b=1``), accumulated in float32 or wider.
-
-    ``out_like``: an array whose sharding the result takes (needed under explicit mesh axes
-    when the contracted axes are sharded).
-    """
-    acc = accumulation_dtype(a.dtype, b.dtype)
-    sharding = None if out_like is None else jax.typeof(out_like).sharding
-    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=acc,
-                               out_sharding=sharding)
 
 
 def _bits(x: Array) -> Array:
@@ -142,20 +115,6 @@ def dynamic_update(x: Array, update: Array, start: Array, axis: int) -> Array:
     """
     new = jax.lax.dynamic_update_slice_in_dim(_bits(x), _bits(update.astype(x.dtype)), start, axis=axis)
     return _from_bits(new, x.dtype)
-
-
-def transposed(x: Array) -> Array:
-    """A transposed copy of a 2-D array, laid out row-major on CPU.
-
-    Without the layout constraint XLA folds the transpose back into the matmul that reads
-    it, which would contract the left operand's first axis: the slow path of XLA:CPU (and for
-    bf16 x bf16 -> f32, a conversion of both operands to float32).
-    """
-    return jax.lax.platform_dependent(x, cpu=_row_major_transpose, default=jnp.transpose)
-
-
-def _row_major_transpose(x: Array) -> Array:
-    return with_layout_constraint(x.T, Layout(major_to_minor=(0, 1)))
 
 
 def weight_columns(weight: Array, layout: str, start: Array, size: int) -> Array:

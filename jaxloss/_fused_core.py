@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxloss import _fused_blocks as blk
+from jaxloss.matmul import accumulation_dtype, dot, transposed
 
 
 class Plan(NamedTuple):
@@ -162,7 +163,7 @@ def _fused_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side):
     tokens, n = plan.tokens, plan.tokens.size
     num_vocab, v = plan.vocab.total, plan.vocab.size
     mm = w.dtype
-    acc = blk.accumulation_dtype(mm)
+    acc = accumulation_dtype(mm)
     d = h.shape[1]
 
     def head(k):
@@ -174,7 +175,7 @@ def _fused_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side):
         stats = blk.psum_stats(stats, plan.vocab_axes)
         loss, lse = _row_losses(stats, rows, side, plan)
         coef = _coefficients(lse, rows.scale, rows, side, plan)
-        hb_t = blk.transposed(hb) if plan.layout == blk.DV else None
+        hb_t = transposed(hb) if plan.layout == blk.DV else None
         return start, rows, hb, hb_t, x, e, shift, lse, coef, jnp.sum(rows.scale * loss)
 
     def first(k):
@@ -185,7 +186,7 @@ def _fused_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side):
         tanh_z = blk.softcap_tanh(x, plan.softcap)
         dz = blk.tile_grad_from_exp(e, shift, tanh_z, masks, lse, coef, plan.smoothing)
         dz_mm = dz.astype(mm)
-        dh = blk.put_rows(_zeros(h.shape, h.dtype, plan.diff_vma), start, blk.dot(dz_mm, w, _grad_contract(plan.layout)))
+        dh = blk.put_rows(_zeros(h.shape, h.dtype, plan.diff_vma), start, dot(dz_mm, w, _grad_contract(plan.layout)))
         dw = blk.weight_grad(plan.layout, hb, hb_t, dz_mm)
         db = None if b is None else jnp.sum(dz, axis=0)
         return dh, dw, db, total
@@ -203,7 +204,7 @@ def _fused_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side):
             dz = blk.tile_grad_from_exp(es, shift, tanh_z, masks, lse, coef, plan.smoothing)
             dz_mm = dz.astype(mm)
             # Columns covered twice have dz = 0 (not fresh), so adding is exact.
-            dh_rows = dh_rows + blk.dot(dz_mm, w_cols, _grad_contract(plan.layout))
+            dh_rows = dh_rows + dot(dz_mm, w_cols, _grad_contract(plan.layout))
             dw = blk.add_weight_columns(dw, plan.layout, c_start, hb, hb_t, dz_mm)
             if db is not None:
                 db = blk.add_columns(db, c_start, jnp.sum(dz, axis=0))
@@ -238,7 +239,7 @@ def _fused_total_fwd(plan, h, w, b, side):
 
 def _scaled(x: Array, g: Array, dtype: jnp.dtype) -> Array:
     """``x * g`` rounded once to ``dtype`` (an elementwise op: it may reuse ``x``'s buffer)."""
-    return (x.astype(blk.accumulation_dtype(x.dtype, g.dtype)) * g).astype(dtype)
+    return (x.astype(accumulation_dtype(x.dtype, g.dtype)) * g).astype(dtype)
 
 
 def _fused_total_bwd(plan, residuals, g):
@@ -256,7 +257,7 @@ fused_total.defvjp(_fused_total_fwd, _fused_total_bwd)
 def _stats_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side) -> tuple[Array, Array]:
     """Per-token ``(loss, lse)``: token chunks outside, vocabulary chunks inside (online logsumexp)."""
     tokens, n = plan.tokens, plan.tokens.size
-    acc = blk.accumulation_dtype(w.dtype)
+    acc = accumulation_dtype(w.dtype)
 
     def token_body(carry, k):
         losses, lses = carry
@@ -289,7 +290,7 @@ def _grad_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side, lses
     the loop; the hidden gradient accumulates in float32 over the vocabulary chunks.
     """
     tokens, n, v = plan.tokens, plan.tokens.size, plan.vocab.size
-    acc = blk.accumulation_dtype(w.dtype)
+    acc = accumulation_dtype(w.dtype)
     g = g.astype(acc)
     d = h.shape[1]
 
@@ -308,8 +309,8 @@ def _grad_pass(plan: Plan, h: Array, w: Array, b: Array | None, side: Side, lses
             dz = blk.tile_grad(blk.mask_columns(x, masks.cols), tanh_z, masks, lse, coef, plan.smoothing)
             dz_mm = dz.astype(w.dtype)
             # Rows covered twice have live = False, so their dz is 0 and adding is exact.
-            dh = blk.add_rows(dh, start, blk.dot(dz_mm, w_cols, _grad_contract(plan.layout)))
-            dwt = dwt + blk.dot(blk.transposed(hb), dz_mm, 0)
+            dh = blk.add_rows(dh, start, dot(dz_mm, w_cols, _grad_contract(plan.layout)))
+            dwt = dwt + dot(transposed(hb), dz_mm, 0)
             if dbc is not None:
                 dbc = dbc + jnp.sum(dz, axis=0)
             return (dh, dwt, dbc), None

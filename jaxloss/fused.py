@@ -22,6 +22,7 @@ from jaxloss import _fused_blocks as blk
 from jaxloss._fused_core import Plan, Side, fused_total, token_losses, vary, varying_axes
 from jaxloss._reduce import AxisName, SumCount, _axis_tuple, check_mask, check_reduction, compute_dtype, reduce_loss
 from jaxloss._validation import as_float_array, check_class_ids, check_fraction, check_nonnegative
+from jaxloss.matmul import wider_float
 
 LAYOUTS = ("dv", "vd")
 # float32 logits per tile of the fused-gradient strategy: 1/FUSED_TILE_FRACTION of its (D, V)
@@ -149,7 +150,7 @@ def linear_cross_entropy(
     where = check_mask(where, batch_shape)
     token_axes, vocab_axes = _axis_tuple(axis_name), _axis_tuple(vocab_axis_name)
 
-    common = blk.wider_float(hidden.dtype, weight.dtype)
+    common = wider_float(hidden.dtype, weight.dtype)
     acc = compute_dtype(common)
     h = hidden.reshape(-1, num_dims).astype(common)
     w = weight.astype(common)

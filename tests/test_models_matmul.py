@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxloss._fused_blocks import transposed
+from jaxloss.matmul import transposed
 from train.models.matmul import matmul
 
 K, N = 24, 40

@@ -19,9 +19,9 @@ native form: the cotangent is rounded to the compute dtype once (as
 row-major weight directly, and the one operand that must be transposed (``x`` or ``g``) is
 copied into a row-major transposed buffer (on CPU through a layout constraint, since XLA
 would otherwise fold a plain transpose back into the product). The products and the copy
-are the fused loss's own (``jaxloss._fused_blocks.dot`` and ``transposed``). The copy
-reads ``M x K`` elements for a ``2 M K N``-flop product. float32 products keep plain
-autodiff: XLA:CPU runs every float32 form at the same rate.
+are the fused loss's own (:func:`jaxloss.matmul.dot` and :func:`jaxloss.matmul.transposed`).
+The copy reads ``M x K`` elements for a ``2 M K N``-flop product. float32 products keep
+plain autodiff: XLA:CPU runs every float32 form at the same rate.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from jaxloss._fused_blocks import dot, transposed
+from jaxloss.matmul import dot, transposed
 
 Dtype = jnp.dtype | type
 
