@@ -1,4 +1,4 @@
-"""GPT-2 (``model_type`` ``gpt2``): ``GPT2LMHeadModel`` and the trunk ``GPT2Model``.
+"""GPT-2 (``model_type`` ``gpt2``): the trunk ``GPT2Model`` and ``GPT2LMHeadModel`` built on it.
 
 Learned positions, pre-LayerNorm blocks, tanh-GELU MLP, fused ``c_attn`` (split into query,
 key and value here), LM head tied to ``wte`` unless ``tie_word_embeddings`` is false.
@@ -56,8 +56,9 @@ def gpt2_tensor_maps(model: CausalLM, prefix: str) -> list[M.TensorMap]:
     return maps
 
 
-class GPT2LMHeadModel(CausalLM):
-    """GPT-2 causal LM."""
+class GPT2Model(CausalLM):
+    """GPT-2 trunk checkpoints: Hugging Face's ``GPT2Model`` names (no ``transformer.`` prefix, no LM
+    head tensors; the head is the tied ``wte``)."""
 
     tied_tensors = ("lm_head.weight",)
 
@@ -65,11 +66,11 @@ class GPT2LMHeadModel(CausalLM):
         super().__init__(gpt2_spec(cfg), rt, config=dict(cfg), rngs=rngs)
 
     def tensor_maps(self) -> list[M.TensorMap]:
-        return gpt2_tensor_maps(self, "transformer.")
+        return gpt2_tensor_maps(self, "")
 
 
-class GPT2Model(GPT2LMHeadModel):
-    """GPT-2 trunk checkpoints (no LM head tensors; the head is the tied ``wte``)."""
+class GPT2LMHeadModel(GPT2Model):
+    """GPT-2 causal LM: the trunk's tensors under ``transformer.``, and ``lm_head`` when untied."""
 
     def tensor_maps(self) -> list[M.TensorMap]:
-        return gpt2_tensor_maps(self, "")
+        return gpt2_tensor_maps(self, "transformer.")
