@@ -58,11 +58,25 @@ def _llama(tmp_path):
     return pt
 
 
-def _batch(seed=0, types=True):
+def _bart(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                                  max_position_embeddings=32, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                  decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None,
+                                  attn_implementation="eager")
+    pt = transformers.BartForConditionalGeneration(cfg).eval()
+    pt.save_pretrained(tmp_path / "base")
+    return pt
+
+
+def _batch(seed=0, types=True, decoder=False):
     rng = np.random.RandomState(seed)
-    batch = {"input_ids": rng.randint(1, V, (B, T)).astype(np.int64), "attention_mask": np.ones((B, T), np.int64)}
+    batch = {"input_ids": rng.randint(3, V, (B, T)).astype(np.int64), "attention_mask": np.ones((B, T), np.int64)}
     if types:
         batch["token_type_ids"] = np.zeros((B, T), np.int64)
+    if decoder:
+        batch["decoder_input_ids"] = rng.randint(3, V, (B, T - 2)).astype(np.int64)
     return batch
 
 
@@ -85,7 +99,12 @@ CASES = {
     "bert": (_bert, ("query", "value"), ("classifier",), True),
     "gpt2": (_gpt2, ("c_proj", "c_fc"), (), False),
     "llama": (_llama, ("q_proj", "v_proj", "down_proj"), (), False),
+    "bart": (_bart, ("q_proj", "v_proj", "fc1"), (), False),
 }
+
+
+def _case_batch(case):
+    return _batch(types=CASES[case][3], decoder=case == "bart")
 
 
 @pytest.mark.slow
@@ -96,7 +115,7 @@ def test_adapter_saved_here_loads_in_peft_with_equal_logits(case, tmp_path):
     model = load_pretrained(tmp_path / "base")
     config = LoraConfig(rank=4, alpha=8.0, targets=targets, modules_to_save=saved)
     add_lora(model, config, nnx.Rngs(0))
-    batch = _batch(types=types)
+    batch = _case_batch(case)
     untouched = _logits(model, batch)
     np.testing.assert_allclose(untouched, _torch_logits(pt, batch), atol=1e-4)  # B = 0: the model is unchanged
     _randomise_adapters(model)
@@ -127,7 +146,7 @@ def test_adapter_saved_by_peft_loads_here_with_equal_logits(case, tmp_path):
     model = load_pretrained(tmp_path / "base")
     config = load_adapter(model, tmp_path / "adapter")
     assert (config.rank, config.alpha, sorted(config.targets)) == (4, 16.0, sorted(targets))
-    batch = _batch(types=types)
+    batch = _case_batch(case)
     np.testing.assert_allclose(_logits(model, batch), _torch_logits(peft_model, batch), atol=1e-4)
 
 
