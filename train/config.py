@@ -97,7 +97,7 @@ class TrainConfig:
     lora_rank: int = _field(0, "with --model: train LoRA adapters of this rank (peft's r) on the --lora-targets layers, and the new heads, with the pre-trained weights frozen; model/ then holds a peft adapter (0: train every parameter)")
     lora_alpha: float = _field(8.0, "LoRA updates are scaled by alpha / rank (peft's lora_alpha)")
     lora_dropout: float = _field(0.0, "dropout on the LoRA adapters' inputs (peft's lora_dropout)")
-    lora_targets: Optional[str] = _field(None, "comma-separated names of the layers that get adapters, matched as peft's target_modules (default: the attention's query and value projections: query,value for BERT; q_proj,v_proj for Llama, BART, Marian; c_proj,c_fc for GPT-2)")
+    lora_targets: Optional[str] = _field(None, "comma-separated names of the layers that get adapters, matched as peft's target_modules (default, as peft: query,value for BERT; q_proj,v_proj for Llama, BART, Marian; c_attn for GPT-2)")
     merge_lora: bool = _field(False, "with --lora-rank: also write the adapters merged into a plain model to OUTPUT_DIR/model-merged/")
     seed: int = _field(0, "seed of initialization, dropout and data order")
     # evaluation, logging, saving

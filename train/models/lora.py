@@ -79,27 +79,30 @@ class LoraAdapter(nnx.Module):
     """The low-rank update ``(alpha / r) * dropout(x) A B`` of one linear layer."""
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, axes: tuple[Any, Any],
-                 param_dtype: Any, rngs: nnx.Rngs):
-        bound = 1.0 / math.sqrt(in_features)
-        a = jax.random.uniform(rngs.params(), (in_features, config.rank), param_dtype, -bound, bound)
-        self.lora_a = nnx.LoRAParam(a, out_sharding=(axes[0], None), eager_sharding=False)
+                 param_dtype: Any, rngs: nnx.Rngs, shared_a: nnx.LoRAParam | None = None,
+                 deterministic: bool = False):
+        if shared_a is None:
+            bound = 1.0 / math.sqrt(in_features)
+            a = jax.random.uniform(rngs.params(), (in_features, config.rank), param_dtype, -bound, bound)
+            shared_a = nnx.LoRAParam(a, out_sharding=(axes[0], None), eager_sharding=False)
+        self.lora_a = shared_a  # one A for the parts of a split PyTorch layer (GPT-2's c_attn)
         self.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, out_features), param_dtype),
                                     out_sharding=(None, axes[1]), eager_sharding=False)
         self.scaling = config.scaling
-        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+        self.dropout = nnx.data(nnx.Dropout(config.dropout, deterministic=deterministic, rngs=rngs)
+                                if config.dropout > 0 else None)
 
     def __call__(self, x: Array, dtype: Any) -> Array:
         """The float32 update for inputs ``x`` of shape ``(..., in)``."""
-        h = matmul(self.dropout(x), self.lora_a[...], dtype)
+        h = matmul(x if self.dropout is None else self.dropout(x), self.lora_a[...], dtype)
         return matmul(h, self.lora_b[...], dtype) * self.scaling
 
 
 #: The layers that get adapters when no targets are given, by model family: the attention's
-#: query and value projections, as peft's defaults (GPT-2's fused ``c_attn`` takes no adapter
-#: here, so its attention output and MLP input projections stand in).
+#: projections, as peft's defaults.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
-    "gpt2": ("c_proj", "c_fc"),
+    "gpt2": ("c_attn",),
     "llama": ("q_proj", "v_proj"),
     "bart": ("q_proj", "v_proj"),
     "marian": ("q_proj", "v_proj"),
@@ -116,28 +119,24 @@ def modules_of_paths(model: nnx.Module, paths: set[tuple[Any, ...]]) -> list[str
     return sorted(name for name, inside in modules.items() if inside)
 
 
-def module_names(model: nnx.Module) -> dict[str, tuple[str | int, ...]]:
-    """``{Hugging Face module name: model path}`` of every linear layer the model maps.
+def module_names(model: nnx.Module) -> dict[str, tuple[tuple[str | int, ...], ...]]:
+    """``{Hugging Face module name: model paths of its layers}`` for every linear layer mapped.
 
-    A layer whose one PyTorch weight fills several parameters here (GPT-2's ``c_attn``) is
-    left out: it cannot take one adapter.
+    A PyTorch layer whose one weight fills several layers here (GPT-2's fused ``c_attn``:
+    query | key | value side by side) has several paths; its adapter is one ``A`` shared by
+    them and ``B`` split the same way, which is peft's adapter of the fused layer.
     """
     names = {}
     for m in model.tensor_maps():
-        if m.name.endswith(".weight") and len(m.paths) == 1 and m.paths[0][-1] == "kernel":
-            names[m.name[: -len(".weight")]] = tuple(m.paths[0][:-1])
+        if m.name.endswith(".weight") and all(p[-1] == "kernel" for p in m.paths):
+            names[m.name[: -len(".weight")]] = tuple(tuple(p[:-1]) for p in m.paths)
     return names
 
 
 def conv1d_module_names(model: nnx.Module) -> set[str]:
     """The module names whose PyTorch weight is already ``(in, out)`` (GPT-2's ``Conv1D``)."""
     return {m.name[: -len(".weight")] for m in model.tensor_maps()
-            if m.kind == "copy" and len(m.paths) == 1 and m.paths[0][-1] == "kernel"}
-
-
-def split_module_names(model: nnx.Module) -> list[str]:
-    """The module names whose weight is split over several parameters here (no adapter)."""
-    return [m.name[: -len(".weight")] for m in model.tensor_maps() if len(m.paths) > 1 and m.name.endswith(".weight")]
+            if m.kind in ("copy", "split") and m.name.endswith(".weight") and all(p[-1] == "kernel" for p in m.paths)}
 
 
 def matches(name: str, target: str) -> bool:
@@ -164,25 +163,25 @@ def _axes(variable: nnx.Variable) -> tuple[Any, Any]:
 def add_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> list[str]:
     """Puts a fresh adapter on every linear layer ``config.targets`` names; returns their names.
 
-    Raises ``ValueError`` naming the targets that match no layer (with the layers there are),
-    or a layer that cannot take an adapter.
+    Raises ``ValueError`` naming the targets that match no layer (with the layers there are).
     """
     names = module_names(model)
-    split = split_module_names(model)
-    chosen = sorted({n for n in names for t in config.targets if matches(n, t)})
-    unsupported = sorted({n for n in split for t in config.targets if matches(n, t)})
-    if unsupported:
-        raise ValueError(f"LoRA targets {unsupported}: their one PyTorch weight is split over several parameters "
-                         f"here, which takes no adapter yet; target other modules")
     unmatched = [t for t in config.targets if not any(matches(n, t) for n in names)]
     if unmatched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ValueError(f"LoRA targets {unmatched} match no linear layer of {type(model).__name__}; "
                          f"its layers end in: {', '.join(leaves)}")
+    chosen = sorted({n for n in names for t in config.targets if matches(n, t)})
+    # the adapters' dropout starts in the model's mode (train() / eval() switch it later)
+    deterministic = next((bool(m.deterministic) for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Dropout)), False)
     for name in chosen:
-        layer = _module_at(model, names[name])
-        kernel = layer.kernel
-        layer.lora = LoraAdapter(layer.in_features, layer.out_features, config, _axes(kernel), kernel[...].dtype, rngs)
+        shared_a = None
+        for path in names[name]:
+            layer = _module_at(model, path)
+            kernel = layer.kernel
+            layer.lora = LoraAdapter(layer.in_features, layer.out_features, config, _axes(kernel), kernel[...].dtype,
+                                     rngs, shared_a, deterministic)
+            shared_a = layer.lora.lora_a
     return chosen
 
 
@@ -196,7 +195,7 @@ def trainable_filter(model: nnx.Module, config: LoraConfig) -> nnx.filterlib.Fil
     names = module_names(model)
     saved_paths = []
     for target in config.modules_to_save:
-        found = [p for n, p in names.items() if matches(n, target)]
+        found = [p for n, paths in names.items() if matches(n, target) for p in paths]
         if not found:
             raise ValueError(f"modules_to_save entry {target!r} matches no layer of {type(model).__name__}")
         saved_paths.extend(found)
@@ -214,11 +213,13 @@ def adapter_tensors(model: nnx.Module, config: LoraConfig) -> dict[str, np.ndarr
     """The adapter (and ``modules_to_save``) as peft's PyTorch-named tensors."""
     names = module_names(model)
     out = {}
-    for name, path in names.items():
-        layer = _module_at(model, path)
-        if getattr(layer, "lora", None) is not None:
-            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.lora.lora_a[...], np.float32).T)
-            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.lora.lora_b[...], np.float32).T)
+    for name, paths in names.items():
+        layers = [_module_at(model, p) for p in paths]
+        if layers[0].lora is not None:
+            a = layers[0].lora.lora_a[...]
+            b = jnp.concatenate([layer.lora.lora_b[...] for layer in layers], axis=-1)
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a, np.float32).T)
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b, np.float32).T)
     if config.modules_to_save:
         from train.models.hf import state_dict
 
@@ -293,17 +294,21 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, rngs: nnx.Rngs | No
     names = module_names(model)
     used = set()
     for name in adapted:
-        layer = _module_at(model, names[name])
-        for key, variable in (("lora_A", layer.lora.lora_a), ("lora_B", layer.lora.lora_b)):
-            tensor_name = f"{PEFT_PREFIX}{name}.{key}.weight"
+        layers = [_module_at(model, p) for p in names[name]]
+        a_name, b_name = f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
+        for tensor_name in (a_name, b_name):
             if tensor_name not in tensors:
                 raise ValueError(f"{file}: lacks {tensor_name}")
-            value = tensors[tensor_name].T
-            if value.shape != variable[...].shape:
-                raise ValueError(f"{file}: {tensor_name} has shape {tensors[tensor_name].shape}, "
-                                 f"expected {variable[...].T.shape}")
-            variable.set_value(jnp.asarray(value, variable[...].dtype))
-            used.add(tensor_name)
+        a, b = tensors[a_name].T, tensors[b_name].T
+        widths = [layer.out_features for layer in layers]
+        expected_a, expected_b = layers[0].lora.lora_a[...].shape, (config.rank, sum(widths))
+        if a.shape != expected_a or b.shape != expected_b:
+            raise ValueError(f"{file}: {name} has lora_A {tensors[a_name].shape} and lora_B {tensors[b_name].shape}, "
+                             f"expected {expected_a[::-1]} and {expected_b[::-1]}")
+        layers[0].lora.lora_a.set_value(jnp.asarray(a, layers[0].lora.lora_a[...].dtype))
+        for layer, part in zip(layers, np.split(b, np.cumsum(widths)[:-1], axis=-1)):
+            layer.lora.lora_b.set_value(jnp.asarray(part, layer.lora.lora_b[...].dtype))
+        used.update((a_name, b_name))
     saved = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items() if k not in used and k.startswith(PEFT_PREFIX)}
     leftover = sorted(k for k in tensors if k not in used and not k.startswith(PEFT_PREFIX))
     if leftover:
