@@ -285,6 +285,9 @@ def test_a_lora_run_trains_under_2_percent_and_writes_a_peft_adapter_and_a_merge
     assert cli_main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["trainable_parameters"] < 0.02 * summary["parameters"]
+    # AdamW's two float32 moments of what trains, and little else
+    assert 8 * summary["trainable_parameters"] <= summary["optimizer_state_bytes"] < 8 * summary["trainable_parameters"] + 4096
+    assert summary["train_step_memory_bytes"] > 4 * summary["parameters"]  # the frozen weights are still read
     assert "learning_rate: 0.0005" in (out / "config.yaml").read_text()  # the LoRA default
     adapter = json.loads((out / "model" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base) and adapter["target_modules"] == ["query", "value"]

@@ -9,7 +9,9 @@ processes on
 - 2 processes x 4 devices connected over 127.0.0.1 (``--mesh data=2,fsdp=4``),
 
 and every one must log the reference's losses step by step (every term, the token counts,
-the gradient norm) and write the reference's final parameters. A run stopped after 3 steps on
+the gradient norm) and write the reference's final parameters. A LoRA run on the reference's
+trained model (adapters and new heads trained, the trunk frozen) gives the same on 1 and on
+8 devices, adapters included. A run stopped after 3 steps on
 8 devices and continued from its checkpoint on 1 or on 4 devices must continue exactly as the
 reference did.
 
@@ -26,6 +28,7 @@ and far below an error.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -121,7 +124,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("equivalence")
     config = _write_config(tmp)
     out = {"reference": tmp / "reference", **{mesh: tmp / mesh.replace(",", "_").replace("=", "") for mesh in MESHES_8},
-           "2 processes": tmp / "two_processes", "resumed on 1": tmp / "resumed1", "resumed on 4": tmp / "resumed4"}
+           "2 processes": tmp / "two_processes", "resumed on 1": tmp / "resumed1", "resumed on 4": tmp / "resumed4",
+           "lora on 1": tmp / "lora1", "lora on 8": tmp / "lora8"}
 
     cache = tmp / "compilation_cache"
 
@@ -141,12 +145,18 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         _run(cache, *[(argv + ["--coordinator-address", address, "--num-processes", "2", "--process-id", str(i)], 4)
                       for i in range(2)])
 
+    def lora() -> None:
+        # the reference's trained trunk as the pre-trained checkpoint: new heads, rank-4 adapters
+        extra = ["--model", str(out["reference"] / "model"), "--lora-rank", "4", "--lora-dropout", "0.1"]
+        _run(cache, (_train_args(config, out["lora on 1"], "data=1", STEPS) + extra, 1),
+             (_train_args(config, out["lora on 8"], "data=2,fsdp=2,tensor=2", STEPS) + extra, 8))
+
     # at most three runs at a time; the resumed runs come after the meshes they reuse compiled
     with ThreadPoolExecutor(max_workers=3) as pool:
         first = [pool.submit(train, "reference", "data=1", 1), *[pool.submit(train, m, m, 8) for m in MESHES_8]]
         for future in first:
             future.result()
-        for future in [pool.submit(resume), pool.submit(two_processes)]:
+        for future in [pool.submit(resume), pool.submit(two_processes), pool.submit(lora)]:
             future.result()
     return out
 
@@ -250,6 +260,23 @@ def test_two_processes_match_one(runs):
     _assert_same_steps(runs["2 processes"], runs["reference"], range(1, STEPS + 1))
     _assert_same_parameters(runs["2 processes"], runs["reference"])
     _assert_same_eval(runs["2 processes"], runs["reference"])
+
+
+def test_lora_on_eight_devices_matches_one(runs):
+    from safetensors.numpy import load_file
+
+    one, eight = runs["lora on 1"], runs["lora on 8"]
+    _assert_same_steps(eight, one, range(1, STEPS + 1))
+    _assert_same_eval(eight, one)
+    summary = json.loads((one / "summary.json").read_text())
+    assert 0 < summary["trainable_parameters"] < summary["parameters"] / 2
+    for name in ("adapter_model.safetensors", "heads.safetensors"):
+        mine, ref = load_file(str(eight / "model" / name)), load_file(str(one / "model" / name))
+        assert mine.keys() == ref.keys() and ref
+        for key, value in ref.items():
+            np.testing.assert_allclose(mine[key], value, rtol=RTOL, atol=PARAM_ATOL, err_msg=f"{name}: {key}")
+    adapters = load_file(str(one / "model" / "adapter_model.safetensors"))
+    assert max(np.abs(v).max() for k, v in adapters.items() if "lora_B" in k) > 1e-3  # the adapters trained
 
 
 @pytest.mark.parametrize("devices", [1, 4])

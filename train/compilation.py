@@ -152,11 +152,31 @@ class CompiledSteps:
         self.flops[key] = jaxpr_flops(traced.jaxpr)
         return [(self, key, traced.lower())]
 
+    def peak_memory_bytes(self) -> int | None:
+        """The largest per-device footprint XLA plans for any compiled shape (arguments +
+        outputs + temporaries - donated aliases), from its memory analysis; None where the
+        backend gives none."""
+        sizes = [program_memory_bytes(e) for e in self.executables.values()]
+        sizes = [s for s in sizes if s is not None]
+        return max(sizes) if sizes else None
+
     def __call__(self, key: tuple, *args: Any) -> Any:
         if key not in self.executables:
             logger.warning("%s: a batch shape that was not compiled ahead (%s); compiling it now", self.name, key)
             self.compile(key, *args)
         return self.executables[key](*args)
+
+
+def program_memory_bytes(executable: Any) -> int | None:
+    """Arguments + outputs + temporaries - aliased (donated) bytes of a compiled program, per device."""
+    try:
+        analysis = executable.memory_analysis()
+    except Exception:  # noqa: BLE001 - backends without the analysis
+        return None
+    if analysis is None:
+        return None
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+               - analysis.alias_size_in_bytes)
 
 
 def compile_all(pending: list[tuple[CompiledSteps, tuple, Any]], workers: int | None = None) -> None:

@@ -563,7 +563,9 @@ def run(config: TrainConfig) -> RunResult:
         logger.info("model/ holds step %d, the best by %s (%.4f; step %d: %.4f)", best_step, best_metric, best_value,
                     step, final.get(best_metric, float("nan")))
     checkpoints.close()
-    summary = {"final_step": step, "trainable_parameters": trainable_count, "parameters": total_count, "model_step": best_step if model_params is not params else step,
+    summary = {"final_step": step, "trainable_parameters": trainable_count, "parameters": total_count,
+               "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(opt_state)),
+               "train_step_memory_bytes": train_step.peak_memory_bytes(), "model_step": best_step if model_params is not params else step,
                "best_metric": best_metric, "best_value": best_value, "stop_reason": stop_reason,
                "horizon": horizon, "final": final,
                # the signal this process received; another process's (a multi-host stop): SIGTERM

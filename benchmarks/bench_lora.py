@@ -1,0 +1,105 @@
+"""LoRA against full fine-tuning of the same checkpoint on the same data: trainable parameters,
+optimizer-state bytes, step time, XLA's planned step memory and the dev metric.
+
+Both runs fine-tune all-MiniLM-L6-v2 (``--model minilm``) with ``jaxloss-train`` for the same
+number of epochs, one after the other, on WNUT-17 and SST-2 from ``../shared/data`` (the data
+sets and settings of ``bench_finetune``). The full run uses that benchmark's learning rate;
+the LoRA run ``--lora-rank 8`` (query and value, the head trained in full) and LoRA's default
+learning rate. The figures come from each run's ``summary.json`` (trainable parameters,
+``optimizer_state_bytes``: AdamW's moments, ``train_step_memory_bytes``: arguments + outputs +
+temporaries - donated buffers of the compiled step, per device) and ``metrics.jsonl`` (the
+median seconds per step over the logged windows after the first).
+
+    python -m benchmarks.bench_lora                       # 1 epoch each, saves benchmarks/results/lora.json
+    python -m benchmarks.bench_lora --tasks wnut17 --epochs 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._harness import format_table, save_json
+from benchmarks.bench_finetune import COMMON, ROOT, TASKS
+
+LORA_FLAGS = ["--lora-rank", "8"]
+
+
+def run(key: str, mode: str, shared: Path, runs: Path, epochs: float) -> dict[str, Any]:
+    """One ``jaxloss-train`` run, full or LoRA; its measured figures."""
+    spec = TASKS[key]
+    out = runs / f"{key}-{mode}"
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = ["jaxloss-train", spec["task"], "--model", "minilm", "--train-file", str(shared / spec["train"]),
+           "--eval-file", str(shared / spec["eval"]), *spec["flags"], "--batch-size", str(COMMON["batch_size"]),
+           "--max-length", str(COMMON["max_length"]), "--epochs", f"{epochs:g}", "--eval-every", "100000",
+           "--output-dir", str(out), "--no-progress", "--log-every", "10"]
+    cmd += LORA_FLAGS if mode == "lora" else ["--learning-rate", str(spec["learning_rate"])]
+    print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, "-m", "train", *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
+    (runs / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"jaxloss-train failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    windows = [r["train/seconds_per_step"] for r in records if "train/seconds_per_step" in r][1:]
+    return {"task": key, "mode": mode, "steps": summary["final_step"],
+            "trainable_parameters": summary["trainable_parameters"], "parameters": summary["parameters"],
+            "optimizer_state_bytes": summary["optimizer_state_bytes"],
+            "train_step_memory_bytes": summary["train_step_memory_bytes"],
+            "seconds_per_step": float(np.median(windows)) if windows else None,
+            "metric_name": spec["metric"], "metric": summary["final"][f"eval/{spec['task']}/{spec['metric']}"],
+            "command": shlex.join(cmd).replace(str(shared), "../shared/data")}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for key in dict.fromkeys(r["task"] for r in results):
+        full = next(r for r in results if r["task"] == key and r["mode"] == "full")
+        lora = next(r for r in results if r["task"] == key and r["mode"] == "lora")
+        rows.append([key, "trainable parameters", full["trainable_parameters"], lora["trainable_parameters"],
+                     lora["trainable_parameters"] / full["trainable_parameters"]])
+        rows.append([key, "optimizer state (MiB)", full["optimizer_state_bytes"] / 2**20,
+                     lora["optimizer_state_bytes"] / 2**20, lora["optimizer_state_bytes"] / full["optimizer_state_bytes"]])
+        if full["train_step_memory_bytes"] and lora["train_step_memory_bytes"]:
+            rows.append([key, "step memory, XLA (MiB)", full["train_step_memory_bytes"] / 2**20,
+                         lora["train_step_memory_bytes"] / 2**20,
+                         lora["train_step_memory_bytes"] / full["train_step_memory_bytes"]])
+        if full["seconds_per_step"] and lora["seconds_per_step"]:
+            rows.append([key, "seconds per step", full["seconds_per_step"], lora["seconds_per_step"],
+                         lora["seconds_per_step"] / full["seconds_per_step"]])
+        rows.append([key, f"dev {full['metric_name']} ({full['steps']} steps)", full["metric"], lora["metric"],
+                     lora["metric"] - full["metric"]])
+    return format_table(["task", "figure", "full", "LoRA r=8", "LoRA / full (metric: difference)"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "lora"))
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/lora.json)")
+    args = ap.parse_args(argv)
+    shared, runs = Path(args.shared_data).resolve(), Path(args.runs_dir).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    results = [run(key, mode, shared, runs, args.epochs) for key in args.tasks.split(",") if key
+               for mode in ("full", "lora")]
+    print(table(results))
+    command = " ".join(["python -m benchmarks.bench_lora", *(argv if argv is not None else sys.argv[1:])])
+    path = save_json("lora", {"command": command, "epochs": args.epochs, "results": results}, args.out)
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
