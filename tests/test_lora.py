@@ -70,13 +70,25 @@ def _bart(tmp_path):
     return pt
 
 
+def _marian(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.MarianConfig(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2,
+                                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
+                                    decoder_ffn_dim=37, max_position_embeddings=32, pad_token_id=V - 1, eos_token_id=0,
+                                    decoder_start_token_id=V - 1, forced_eos_token_id=None, scale_embedding=True,
+                                    attn_implementation="eager")
+    pt = transformers.MarianMTModel(cfg).eval()
+    pt.save_pretrained(tmp_path / "base")
+    return pt
+
+
 def _batch(seed=0, types=True, decoder=False):
     rng = np.random.RandomState(seed)
-    batch = {"input_ids": rng.randint(3, V, (B, T)).astype(np.int64), "attention_mask": np.ones((B, T), np.int64)}
+    batch = {"input_ids": rng.randint(3, V - 1, (B, T)).astype(np.int64), "attention_mask": np.ones((B, T), np.int64)}
     if types:
         batch["token_type_ids"] = np.zeros((B, T), np.int64)
     if decoder:
-        batch["decoder_input_ids"] = rng.randint(3, V, (B, T - 2)).astype(np.int64)
+        batch["decoder_input_ids"] = rng.randint(3, V - 1, (B, T - 2)).astype(np.int64)
     return batch
 
 
@@ -100,11 +112,12 @@ CASES = {
     "gpt2": (_gpt2, ("c_attn", "c_proj"), (), False),
     "llama": (_llama, ("q_proj", "v_proj", "down_proj"), (), False),
     "bart": (_bart, ("q_proj", "v_proj", "fc1"), (), False),
+    "marian": (_marian, ("q_proj", "v_proj"), (), False),
 }
 
 
 def _case_batch(case):
-    return _batch(types=CASES[case][3], decoder=case == "bart")
+    return _batch(types=CASES[case][3], decoder=case in ("bart", "marian"))
 
 
 @pytest.mark.slow
