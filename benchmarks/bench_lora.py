@@ -5,13 +5,14 @@ Both runs fine-tune all-MiniLM-L6-v2 (``--model minilm``) with ``jaxloss-train``
 number of epochs, one after the other, on WNUT-17 and SST-2 from ``../shared/data`` (the data
 sets and settings of ``bench_finetune``). The full run uses that benchmark's learning rate;
 the LoRA run ``--lora-rank 8`` (query and value, the head trained in full) and LoRA's default
-learning rate. The figures come from each run's ``summary.json`` (trainable parameters,
+learning rate, or ``--lora-learning-rate``. The figures come from each run's ``summary.json`` (trainable parameters,
 ``optimizer_state_bytes``: AdamW's moments, ``train_step_memory_bytes``: arguments + outputs +
 temporaries - donated buffers of the compiled step, per device) and ``metrics.jsonl`` (the
 median seconds per step over the logged windows after the first).
 
     python -m benchmarks.bench_lora                       # 1 epoch each, saves benchmarks/results/lora.json
     python -m benchmarks.bench_lora --tasks wnut17 --epochs 0.25
+    python -m benchmarks.bench_lora --lora-learning-rate 2e-3 --out benchmarks/results/lora_lr2e-3.json
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from benchmarks.bench_finetune import COMMON, ROOT, TASKS
 LORA_FLAGS = ["--lora-rank", "8"]
 
 
-def run(key: str, mode: str, shared: Path, runs: Path, epochs: float) -> dict[str, Any]:
+def run(key: str, mode: str, shared: Path, runs: Path, epochs: float, lora_learning_rate: float | None) -> dict[str, Any]:
     """One ``jaxloss-train`` run, full or LoRA; its measured figures."""
     spec = TASKS[key]
     out = runs / f"{key}-{mode}"
@@ -43,7 +44,10 @@ def run(key: str, mode: str, shared: Path, runs: Path, epochs: float) -> dict[st
            "--eval-file", str(shared / spec["eval"]), *spec["flags"], "--batch-size", str(COMMON["batch_size"]),
            "--max-length", str(COMMON["max_length"]), "--epochs", f"{epochs:g}", "--eval-every", "100000",
            "--output-dir", str(out), "--no-progress", "--log-every", "10"]
-    cmd += LORA_FLAGS if mode == "lora" else ["--learning-rate", str(spec["learning_rate"])]
+    if mode == "lora":
+        cmd += LORA_FLAGS + (["--learning-rate", f"{lora_learning_rate:g}"] if lora_learning_rate else [])
+    else:
+        cmd += ["--learning-rate", str(spec["learning_rate"])]
     print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, "-m", "train", *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
     (runs / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
@@ -87,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--lora-learning-rate", type=float, default=None,
+                    help="peak learning rate of the LoRA runs (default: jaxloss-train's LoRA default, 5e-4)")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "lora"))
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/lora.json)")
     args = ap.parse_args(argv)
     shared, runs = Path(args.shared_data).resolve(), Path(args.runs_dir).resolve()
     runs.mkdir(parents=True, exist_ok=True)
-    results = [run(key, mode, shared, runs, args.epochs) for key in args.tasks.split(",") if key
+    results = [run(key, mode, shared, runs, args.epochs, args.lora_learning_rate) for key in args.tasks.split(",") if key
                for mode in ("full", "lora")]
     print(table(results))
     command = " ".join(["python -m benchmarks.bench_lora", *(argv if argv is not None else sys.argv[1:])])
