@@ -301,7 +301,7 @@ def test_a_lora_run_trains_under_2_percent_and_writes_a_peft_adapter_and_a_merge
     # AdamW's two float32 moments of what trains, and little else
     assert 8 * summary["trainable_parameters"] <= summary["optimizer_state_bytes"] < 8 * summary["trainable_parameters"] + 4096
     assert summary["train_step_memory_bytes"] > 4 * summary["parameters"]  # the frozen weights are still read
-    assert "learning_rate: 0.0005" in (out / "config.yaml").read_text()  # the LoRA default
+    assert "learning_rate: 0.002" in (out / "config.yaml").read_text()  # the LoRA default
     adapter = json.loads((out / "model" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base) and adapter["target_modules"] == ["query", "value"]
     assert adapter["modules_to_save"] == ["classifier"]
@@ -331,7 +331,7 @@ def test_lora_options_are_checked_before_anything_runs():
         TrainConfig(task="ner", model="x", merge_lora=True)
     with pytest.raises(ValueError, match=r"lora_dropout=1.0 must lie in \[0, 1\)"):
         TrainConfig(task="ner", model="x", lora_rank=2, lora_dropout=1.0)
-    assert TrainConfig(task="ner", model="x", lora_rank=2).learning_rate == 5e-4
+    assert TrainConfig(task="ner", model="x", lora_rank=2).learning_rate == 2e-3
     assert TrainConfig(task="ner", model="x").learning_rate == 5e-5
 
 

@@ -16,7 +16,7 @@ import yaml
 TASKS = ("classify", "ner", "regress", "lm", "mlm", "seq2seq", "multitask")
 FINE_TUNING_LEARNING_RATE = 5e-5  # the default peak learning rate with --model (BERT's fine-tuning range)
 SCRATCH_LEARNING_RATE = 1e-3  # the default peak learning rate of a model trained from scratch
-LORA_LEARNING_RATE = 5e-4  # the default peak learning rate with --lora-rank (adapters start at 0 and need more)
+LORA_LEARNING_RATE = 2e-3  # the default peak learning rate with --lora-rank (adapters start at 0 and need more: benchmarks/bench_lora)
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -82,7 +82,7 @@ class TrainConfig:
     max_minutes: Optional[float] = _field(None, "wall-clock budget: stop, evaluate and save when it runs out")
     batch_size: int = _field(32, "examples per optimizer step (split into --grad-accum micro-batches)")
     grad_accum: int = _field(1, "micro-batches per optimizer step, normalized exactly over all their tokens")
-    learning_rate: Optional[float] = _field(None, "peak learning rate of AdamW (default: 5e-5 when fine-tuning a --model, 5e-4 with --lora-rank, 1e-3 from scratch)")
+    learning_rate: Optional[float] = _field(None, "peak learning rate of AdamW (default: 5e-5 when fine-tuning a --model, 2e-3 with --lora-rank, 1e-3 from scratch)")
     head_learning_rate: Optional[float] = _field(None, "with --model: peak learning rate of the parameters the checkpoint does not provide (its new heads) (default: --learning-rate)")
     frozen_steps: int = _field(0, "with --model: train only the new heads for this many steps, then the whole model (its pre-trained weights warm up from there)")
     schedule: str = _field("linear", "decay after warmup: linear | cosine | constant", choices=("linear", "cosine", "constant"))
