@@ -89,7 +89,8 @@ def test_short_finetuning_beats_the_baseline_only_with_the_loaded_weights(minilm
 
 
 def test_second_run_takes_every_program_from_the_compile_cache(tmp_path):
-    """Two runs of one job, each a process of its own as a user's would be: the second compiles nothing."""
+    """Two runs of one job, each a process of its own as a user's would be: the second compiles
+    nothing, and loads its train and eval steps without tracing them."""
     import os
     import subprocess
     import sys
@@ -107,9 +108,14 @@ def test_second_run_takes_every_program_from_the_compile_cache(tmp_path):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
         proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads((out / "timing.json").read_text())
+        losses = [json.loads(line).get("train/loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {**json.loads((out / "timing.json").read_text()), "losses": losses}
 
     first, second = run("first"), run("second")
+    assert second["losses"] == first["losses"]  # the loaded programs compute what the compiled ones did
     assert first["compile_cache_misses"] > 0 and first["compile_cache"] == str(cache)
     assert second["compile_cache_misses"] == 0
-    assert second["compile_cache_hits"] >= first["compile_cache_misses"]
+    assert first["compile_executable_cache_hits"] == 0
+    assert second["compile_executable_cache_hits"] >= 2  # the train step and the eval step, at least
+    assert second["compile_cache_hits"] + second["compile_executable_cache_hits"] >= first["compile_cache_misses"]
+    assert second["compile_trace_seconds"] < first["compile_trace_seconds"]

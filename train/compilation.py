@@ -19,13 +19,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 import os
+import pickle
+import platform
+import re
+import tempfile
 import threading
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jax
+from jax.experimental import serialize_executable
 
 from train.models.sources import cache_root
 from train.utilisation import jaxpr_flops
@@ -37,6 +44,7 @@ _LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _BACKEND = "/jax/core/compile/backend_compile_duration"
 _HIT = "/jax/compilation_cache/cache_hits"
 _MISS = "/jax/compilation_cache/cache_misses"
+_EXECUTABLE_HIT = "/jaxloss/executable_cache/hits"
 
 
 def compile_cache_folder(setting: str) -> Path | None:
@@ -76,6 +84,7 @@ class _Totals:
     programs: int = 0
     hits: int = 0
     misses: int = 0
+    executable_hits: int = 0
 
 
 class CompileStats:
@@ -116,10 +125,13 @@ class CompileStats:
                 cls._totals.hits += 1
             elif event == _MISS:
                 cls._totals.misses += 1
+            elif event == _EXECUTABLE_HIT:
+                cls._totals.executable_hits += 1
 
     def snapshot(self) -> dict[str, float]:
         """Seconds tracing, lowering and compiling (or loading from the cache), programs
-        compiled, and persistent-cache hits and misses since :meth:`start`."""
+        compiled, persistent-cache hits and misses, and programs loaded from the
+        :class:`ExecutableCache` without tracing, since :meth:`start`."""
         now, then = self._totals, self._start
         return {
             "trace_seconds": now.trace - then.trace,
@@ -128,29 +140,171 @@ class CompileStats:
             "programs": now.programs - then.programs,
             "cache_hits": now.hits - then.hits,
             "cache_misses": now.misses - then.misses,
+            "executable_cache_hits": now.executable_hits - then.executable_hits,
         }
+
+
+_SOURCE_PACKAGES = ("jaxloss", "train")
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "ml_dtypes")
+
+
+def _package_versions() -> list[str]:
+    versions = []
+    for name in _VERSIONED:
+        try:
+            versions.append(f"{name}={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name}=absent")
+    return versions
+
+
+def source_digest(packages: Iterable[str] = _SOURCE_PACKAGES) -> str:
+    """SHA-256 over every ``.py`` file of ``packages`` (names and contents, in sorted order):
+    any change to the code that builds a program changes it."""
+    digest = hashlib.sha256()
+    for package in packages:
+        root = Path(__import__(package).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def environment_fingerprint() -> list[str]:
+    """What outside a run's own inputs decides the program XLA builds: Python and library
+    versions, the backend and its devices, JAX's configuration, and ``JAX_*`` / ``XLA_*``
+    variables."""
+    devices = jax.devices()
+    backend = devices[0].client
+    config = {k: v for k, v in jax.config.values.items() if "cache" not in k}  # where caches live is not the program
+    env = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_")) and "CACHE" not in k}
+    return [platform.python_version(), *_package_versions(), backend.platform, backend.platform_version,
+            f"{jax.process_count()} processes", *(f"{d.id}:{d.device_kind}:{d.process_index}" for d in devices),
+            repr(sorted(config.items())), repr(sorted(env.items()))]
+
+
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _signature(args: Any) -> str:
+    """The tree structure and each leaf's shape, dtype and sharding: what a compiled program
+    is specialized to."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    parts = [str(tree)]
+    for leaf in leaves:
+        sharding = getattr(leaf, "sharding", None)
+        parts.append(f"{getattr(leaf, 'shape', ())}|{getattr(leaf, 'dtype', type(leaf).__name__)}|{sharding}")
+    return "\n".join(parts)
+
+
+class ExecutableCache:
+    """Compiled programs kept on disk under a key of everything that decides them, so that a
+    second run of the same job loads each program without tracing or lowering it.
+
+    JAX's persistent cache (:func:`enable_compile_cache`) keys a program on its lowered text,
+    so a run must trace and lower every program to find it there, which takes most of a
+    cached run's compile time. This cache keys a program on what it is built from instead:
+    the source of ``jaxloss`` and ``train`` (:func:`source_digest`), library versions, devices
+    and JAX configuration (:func:`environment_fingerprint`), the run's own description
+    (``run_parts``: its resolved config, its tasks' label state, the model's graph), the
+    program's name and shape key, and the tree, shapes, dtypes and shardings of its arguments.
+    Any difference is a miss, never a wrong program. An entry is a pickle of
+    ``jax.experimental.serialize_executable``'s payload, written atomically; one that cannot be
+    read is deleted and compiled again. Like JAX's own cache, it trusts the files in its folder.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, tempfile
+      >>> cache = ExecutableCache(Path(tempfile.mkdtemp()), ["example"])
+      >>> first = CompiledSteps(jax.jit(lambda x: x * 2), "double", cache)
+      >>> compile_all(first.lower(("n", 3), jnp.ones(3)))
+      >>> second = CompiledSteps(jax.jit(lambda x: x * 2), "double", cache)
+      >>> second.lower(("n", 3), jnp.ones(3))      # loaded: nothing to trace or compile
+      []
+      >>> second(("n", 3), jnp.ones(3)).tolist()
+      [2.0, 2.0, 2.0]
+    """
+
+    def __init__(self, folder: Path, run_parts: Iterable[str]):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        for part in [source_digest(), *environment_fingerprint(), *run_parts]:
+            digest.update(_MEMORY_ADDRESS.sub("", part).encode())  # a function's repr names it by address
+            digest.update(b"\0")
+        self.run_digest = digest.hexdigest()
+
+    def path(self, name: str, key: tuple, args: Any) -> Path:
+        entry = hashlib.sha256(f"{self.run_digest}\0{name}\0{key!r}\0{_signature(args)}".encode()).hexdigest()
+        return self.folder / f"{entry}.pkl"
+
+    def load(self, path: Path) -> tuple[Any, float] | None:
+        """The compiled program stored at ``path`` and its FLOPs, or None."""
+        if not path.exists():
+            return None
+        try:
+            payload, in_tree, out_tree, device_ids, flops = pickle.loads(path.read_bytes())
+            by_id = {d.id: d for d in jax.devices()}
+            executable = serialize_executable.deserialize_and_load(
+                payload, in_tree, out_tree, execution_devices=[by_id[i] for i in device_ids])
+        except Exception as error:  # noqa: BLE001 - a damaged or foreign entry is compiled again
+            logger.warning("compiled program %s could not be loaded (%s); compiling it again", path.name, error)
+            path.unlink(missing_ok=True)
+            return None
+        jax.monitoring.record_event(_EXECUTABLE_HIT)
+        return executable, flops
+
+    def store(self, path: Path, executable: Any, flops: float) -> None:
+        """Writes ``executable`` to ``path`` (a temporary file renamed into place); a backend
+        that cannot serialize its programs is skipped with a debug line."""
+        try:
+            payload, in_tree, out_tree = serialize_executable.serialize(executable)
+            device_ids = [d.id for d in executable._executable._unloaded_executable.device_list]
+            data = pickle.dumps((payload, in_tree, out_tree, device_ids, flops))
+        except Exception as error:  # noqa: BLE001 - not every backend serializes its programs
+            logger.debug("compiled program not kept in %s: %s", self.folder, error)
+            return
+        with tempfile.NamedTemporaryFile(dir=self.folder, delete=False, suffix=".tmp") as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, path)
 
 
 class CompiledSteps:
     """A jitted function compiled ahead of time once per input shape, and called through its
     compiled executable: the training loop never traces or compiles between steps."""
 
-    def __init__(self, jitted: Any, name: str):
+    def __init__(self, jitted: Any, name: str, cache: ExecutableCache | None = None):
         self.jitted = jitted
         self.name = name
+        self.cache = cache  # where compiled programs are kept between runs (None: nowhere)
         self.executables: dict[tuple, Any] = {}
         self.flops: dict[tuple, float] = {}  # per key: FLOPs of the program's matrix products (jaxpr_flops)
+        self._cache_paths: dict[tuple, Path] = {}
 
     def compile(self, key: tuple, *args: Any) -> None:
         compile_all(self.lower(key, *args))
 
     def lower(self, key: tuple, *args: Any) -> list[tuple["CompiledSteps", tuple, Any]]:
-        """The lowered program for ``key`` (to compile with :func:`compile_all`); none if compiled."""
+        """The lowered program for ``key`` (to compile with :func:`compile_all`); none if it is
+        compiled already or was loaded from the cache."""
         if key in self.executables:
             return []
+        if self.cache is not None:
+            path = self.cache.path(self.name, key, args)
+            loaded = self.cache.load(path)
+            if loaded is not None:
+                self.executables[key], self.flops[key] = loaded
+                return []
+            self._cache_paths[key] = path
         traced = self.jitted.trace(*args)
         self.flops[key] = jaxpr_flops(traced.jaxpr)
         return [(self, key, traced.lower())]
+
+    def add(self, key: tuple, executable: Any) -> None:
+        """Keeps the compiled program of ``key`` (and writes it to the cache, if any)."""
+        self.executables[key] = executable
+        path = self._cache_paths.pop(key, None)
+        if path is not None and self.cache is not None:
+            self.cache.store(path, executable, self.flops[key])
 
     def peak_memory_bytes(self) -> int | None:
         """The largest per-device footprint XLA plans for any compiled shape (arguments +
@@ -188,4 +342,4 @@ def compile_all(pending: list[tuple[CompiledSteps, tuple, Any]], workers: int | 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         compiled = list(pool.map(lambda item: item[2].compile(), pending))
     for (steps, key, _), executable in zip(pending, compiled):
-        steps.executables[key] = executable
+        steps.add(key, executable)

@@ -31,7 +31,7 @@ import jaxloss
 from train import distributed, evaluation, sharding
 from train.budget import Budget, Clock
 from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
-from train.compilation import CompiledSteps, CompileStats, compile_all, enable_compile_cache
+from train.compilation import CompiledSteps, CompileStats, ExecutableCache, compile_all, enable_compile_cache
 from train.config import TaskSpec, TrainConfig
 from train.data.batching import Batcher
 from train.data.records import DataError
@@ -369,10 +369,14 @@ def run(config: TrainConfig) -> RunResult:
     # every batch shape is compiled before the first step; the step returns the state laid
     # out as it came in (donation reuses the buffers)
     compile_start = clock.now()
+    programs = executable_cache(cache_folder, config, tasks, graphdef, eval_graphdef, new_parameters,
+                                (len(tokenizer), tokenizer.all_special_ids))
     train_step = CompiledSteps(jax.jit(make_train_step(graphdef, tasks, composite, optimizer, config.grad_accum,
                                                        new_parameters),
-                                       donate_argnums=(0, 1, 2), out_shardings=(*state_shardings, replicated)), "train step")
-    eval_steps = {t.name: CompiledSteps(jax.jit(make_eval_step(eval_graphdef, t), out_shardings=replicated), f"{t.name} eval")
+                                       donate_argnums=(0, 1, 2), out_shardings=(*state_shardings, replicated)), "train step",
+                               programs)
+    eval_steps = {t.name: CompiledSteps(jax.jit(make_eval_step(eval_graphdef, t), out_shardings=replicated), f"{t.name} eval",
+                                        programs)
                   for t in tasks}
     key = jax.random.key(config.seed)
     rates = lambda s, h: _learning_rates(config, s, h, split=new_parameters is not None)  # noqa: E731
@@ -393,9 +397,11 @@ def run(config: TrainConfig) -> RunResult:
     timings.extra["eval_estimate_seconds"] = timings.since("eval", estimate_start, count=False)
     stats = compile_stats.snapshot()
     timings.extra.update(compile_cache=str(cache_folder) if cache_folder else None, **{f"compile_{k}": v for k, v in stats.items()})
-    logger.info("compiled %d train and %d eval shapes in %.1f s (%d programs, %d from the persistent cache%s)",
+    logger.info("compiled %d train and %d eval shapes in %.1f s (%d loaded without tracing, %d programs, "
+                "%d from the persistent cache%s)",
                 len(train_step.executables), sum(len(e.executables) for e in eval_steps.values()), compile_seconds,
-                stats["programs"], stats["cache_hits"], f" {cache_folder}" if cache_folder else ", which is off")
+                stats["executable_cache_hits"], stats["programs"], stats["cache_hits"],
+                f" {cache_folder}" if cache_folder else ", which is off")
     if eval_estimate is not None:
         budget.set_eval_seconds(eval_estimate)
 
@@ -586,6 +592,26 @@ def run(config: TrainConfig) -> RunResult:
         logger.info(timings.summary())
         _print_summary(out_dir, summary)
     return RunResult(final, summary)
+
+
+# settings that only steer the host (when to stop, log, evaluate, save, and where): no program depends on them
+HOST_ONLY_SETTINGS = frozenset({
+    "output_dir", "max_steps", "epochs", "max_minutes", "eval_every", "eval_on_start", "log_every", "save_every",
+    "keep_checkpoints", "best_metric", "early_stopping", "peak_tflops", "progress", "compile_cache",
+})
+
+
+def executable_cache(folder: Path | None, config: TrainConfig, tasks: Sequence[Task], *program_parts: Any
+                     ) -> ExecutableCache | None:
+    """The run's :class:`ExecutableCache` in ``folder / "executables"`` (None when the compile
+    cache is off), keyed on every setting a program can depend on, the tasks' label state and
+    ``program_parts`` (the model graphs and which parameters are new)."""
+    if folder is None:
+        return None
+    settings = {k: v for k, v in config.to_dict().items() if k not in HOST_ONLY_SETTINGS}
+    parts = [json.dumps(settings, sort_keys=True, default=str),
+             *(json.dumps(t.state(), sort_keys=True, default=str) for t in tasks), *map(repr, program_parts)]
+    return ExecutableCache(folder / "executables", parts)
 
 
 def _learning_rates(config: TrainConfig, step: int, horizon: int, *, split: bool) -> float | list[float]:
