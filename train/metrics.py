@@ -6,6 +6,7 @@ against a reference implementation.
 :func:`macro_f1`            unweighted mean of per-class F1 (scikit-learn's ``average="macro"``)
 :func:`ner_scores`          entity-level precision / recall / F1, exactly as seqeval's default
                             (conlleval-compatible) mode, micro-averaged and per entity type
+:func:`ner_summary`         those scores as the named figures a NER evaluation reports
 :func:`pearson`             Pearson's r (scipy)
 :func:`spearman`            Spearman's rho (scipy: Pearson's r of average ranks, ties averaged)
 :func:`mse`                 mean squared error
@@ -188,6 +189,22 @@ def ner_scores(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[
     micro = PRF(*_prf(tp, n_pred, n_true), n_true)
     macro = float(np.mean([s.f1 for s in per_type.values()])) if per_type else 0.0
     return NERScores(micro, per_type, macro)
+
+
+def ner_summary(scores: NERScores, *, per_type: bool = False) -> dict[str, float]:
+    """The figures a NER evaluation reports: micro ``precision``, ``recall``, ``f1`` and the
+    ``macro_f1`` over types, and with ``per_type`` each type's F1 as ``f1_<type>`` (types sorted).
+
+    Example:
+      >>> s = ner_scores([["B-PER", "O", "B-LOC"]], [["B-PER", "O", "O"]])
+      >>> ner_summary(s, per_type=True)
+      {'precision': 1.0, 'recall': 0.5, 'f1': 0.6666666666666666, 'macro_f1': 0.5, 'f1_LOC': 0.0, 'f1_PER': 1.0}
+    """
+    out = {"precision": scores.micro.precision, "recall": scores.micro.recall, "f1": scores.micro.f1,
+           "macro_f1": scores.macro_f1}
+    if per_type:
+        out.update({f"f1_{entity}": prf.f1 for entity, prf in sorted(scores.per_type.items())})
+    return out
 
 
 def decode_tags(
