@@ -25,7 +25,7 @@ from train import sharding
 from train.config import TrainConfig
 from train.data.tokenization import load_tokenizer, train_tokenizer
 from train.models import BertMultiTask, from_config, load_pretrained, save_pretrained, state_dict
-from train.models.hf import LoadReport, family_of, parameter_paths
+from train.models.hf import LoadReport, family_of, load_heads, parameter_paths, save_heads
 from train.models.lora import (
     ADAPTER_CONFIG,
     DEFAULT_TARGETS,
@@ -250,25 +250,12 @@ def save_final_model(model: nnx.Module, tasks: Sequence[Task], tokenizer: Any, p
     cfg["architectures"] = ["BertModel"]
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     save_file({k: np.ascontiguousarray(v) for k, v in trunk.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
-    _save_heads(model, tasks, path)
+    save_heads(model, path, _head_descriptions(tasks))
 
 
-def _save_heads(model: BertMultiTask, tasks: Sequence[Task], path: Path) -> None:
-    from safetensors.numpy import save_file
-
-    heads = {f"{'/'.join(map(str, p))}": np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model.heads, nnx.Param))}
-    save_file({k: np.ascontiguousarray(v) for k, v in heads.items()}, str(path / "heads.safetensors"))
-    (path / "heads.json").write_text(json.dumps({t.name: {"kind": t.head()[0], "num_labels": t.head()[1], **t.state()} for t in tasks}, indent=2))
-
-
-def load_heads(model: BertMultiTask, path: Path) -> None:
-    """Reads a multi-task model's heads from ``path/heads.safetensors`` (in place)."""
-    import jax.numpy as jnp
-    from safetensors.numpy import load_file
-
-    heads = load_file(str(path / "heads.safetensors"))
-    flat = {tuple(int(p) if p.isdigit() else p for p in k.split("/")): v for k, v in heads.items()}
-    nnx.update(model.heads, nnx.from_flat_state({k: jnp.asarray(v) for k, v in flat.items()}))
+def _head_descriptions(tasks: Sequence[Task]) -> dict[str, dict[str, Any]]:
+    """What ``heads.json`` says of each task's head: its kind, its number of labels, the task's state."""
+    return {t.name: {"kind": t.head()[0], "num_labels": t.head()[1], **t.state()} for t in tasks}
 
 
 def save_lora_model(model: nnx.Module, lora: LoraConfig, tasks: Sequence[Task], tokenizer: Any, path: Path, *,
@@ -279,7 +266,7 @@ def save_lora_model(model: nnx.Module, lora: LoraConfig, tasks: Sequence[Task], 
     tokenizer.save_pretrained(str(path))
     save_adapter(model, lora, path, base_model_name_or_path=base)
     if isinstance(model, BertMultiTask):
-        _save_heads(model, tasks, path)
+        save_heads(model, path, _head_descriptions(tasks))
     if merged_path is not None:
         merge_lora(model)
         save_final_model(model, tasks, tokenizer, merged_path)
