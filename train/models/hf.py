@@ -33,7 +33,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -264,12 +264,13 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, strict
     return LoadReport(tuple(loaded), tuple(missing), tuple(unexpected))
 
 
-def state_dict(model: nnx.Module, state: Any = None) -> dict[str, np.ndarray]:
+def state_dict(model: nnx.Module, state: Any = None, *, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """``{PyTorch name: array in PyTorch layout}`` of ``model``'s parameters.
 
     ``state`` (e.g. gradients from ``nnx.grad`` / ``nnx.state(model, nnx.Param)`` of the same
     model) is mapped instead of the parameters when given. Tied tensors appear once, under
-    the name PyTorch's ``named_parameters()`` uses.
+    the name PyTorch's ``named_parameters()`` uses. With ``names`` only those tensors are
+    converted and returned.
     """
     if state is None:
         flat = {p: v[...] for p, v in _flat_params(model).items()}
@@ -277,6 +278,8 @@ def state_dict(model: nnx.Module, state: Any = None) -> dict[str, np.ndarray]:
         flat = {tuple(p): (v[...] if isinstance(v, nnx.Variable) else v) for p, v in nnx.to_flat_state(state)}
     out = {}
     for m in _maps(model):
+        if names is not None and m.name not in names:
+            continue
         try:
             arrays = [np.asarray(flat[p], dtype=np.float32) if flat[p].dtype == jnp.bfloat16 else np.asarray(flat[p])
                       for p in m.paths]
