@@ -1,4 +1,4 @@
-"""Simple baselines (:mod:`train.baselines`) on the shipped data and on the full data sets.
+"""Simple baselines (:mod:`benchmarks.baselines`) on the shipped data and on the full data sets.
 
 For each data set the baselines are fitted on the training split only and scored on the
 evaluation split with the metrics the Transformer models report:
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks._harness import format_table, save_json
-from train import baselines as B
+from benchmarks import baselines as B
 from train import data
 
 ROOT = Path(__file__).resolve().parent.parent

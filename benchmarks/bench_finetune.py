@@ -25,9 +25,11 @@ Results merge into ``benchmarks/results/finetune.json`` (a part run again replac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -55,35 +57,53 @@ def _hog() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def run_jax(key: str, shared: Path, runs: Path, *, minutes: float | None, epochs: float | None) -> dict[str, Any]:
-    spec = TASKS[key]
-    out = runs / f"jax-{key}-{'budget' if minutes else 'epoch'}"
-    if out.exists():
-        import shutil
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """A finished ``jaxloss-train`` run of :func:`train_minilm`."""
 
+    command: str  # as typed, the data under ../shared/data
+    launched: float  # time.time() at launch
+    out: Path  # its output folder
+    summary: dict[str, Any]  # its summary.json
+    seconds_per_step: float | None  # the median over the logged windows after the first
+
+
+def train_minilm(key: str, shared: Path, out: Path, flags: list[str]) -> TrainRun:
+    """Fine-tunes all-MiniLM-L6-v2 with ``jaxloss-train`` on the data set ``key`` of :data:`TASKS`
+    (its task, files and flags; batch size and max length of :data:`COMMON`) with ``flags`` added,
+    into ``out`` (removed first), its log beside it as ``<out>.log``."""
+    spec = TASKS[key]
+    if out.exists():
         shutil.rmtree(out)
     cmd = ["jaxloss-train", spec["task"], "--model", "minilm", "--train-file", str(shared / spec["train"]),
-           "--eval-file", str(shared / spec["eval"]), *spec["flags"], "--learning-rate", str(spec["learning_rate"]),
-           "--batch-size", str(COMMON["batch_size"]), "--max-length", str(COMMON["max_length"]),
-           "--output-dir", str(out), "--no-progress", "--log-every", "10"]
-    cmd += ["--max-minutes", f"{minutes:g}", "--epochs", "1000"] if minutes else ["--epochs", f"{epochs:g}"]
+           "--eval-file", str(shared / spec["eval"]), *spec["flags"], "--batch-size", str(COMMON["batch_size"]),
+           "--max-length", str(COMMON["max_length"]), "--output-dir", str(out), "--no-progress", "--log-every", "10",
+           *flags]
     print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
     launched = time.time()
     proc = subprocess.run([sys.executable, "-m", "train", *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
-    (runs / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"jaxloss-train failed:\n{proc.stderr[-3000:]}")
-    timing = json.loads((out / "timing.json").read_text())
-    summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     windows = [r["train/seconds_per_step"] for r in records if "train/seconds_per_step" in r][1:]
+    return TrainRun(shlex.join(cmd).replace(str(shared), "../shared/data"), launched, out,
+                    json.loads((out / "summary.json").read_text()), float(np.median(windows)) if windows else None)
+
+
+def run_jax(key: str, shared: Path, runs: Path, *, minutes: float | None, epochs: float | None) -> dict[str, Any]:
+    spec = TASKS[key]
+    stop = ["--max-minutes", f"{minutes:g}", "--epochs", "1000"] if minutes else ["--epochs", f"{epochs:g}"]
+    run = train_minilm(key, shared, runs / f"jax-{key}-{'budget' if minutes else 'epoch'}",
+                       ["--learning-rate", str(spec["learning_rate"]), *stop])
+    timing = json.loads((run.out / "timing.json").read_text())
     metric = f"eval/{spec['task']}/{spec['metric']}"
-    return {"framework": "jaxloss", "steps": summary["final_step"], "horizon": summary["horizon"],
-            "time_to_first_step": timing["first_step_at"] - launched,
-            "examples_per_second": COMMON["batch_size"] / float(np.median(windows)) if windows else None,
-            "eval_seconds": timing["final_eval_seconds"], "metric": summary["final"][metric],
-            "best_metric": summary["best_value"], "total_seconds": time.time() - launched,
-            "compile_seconds": timing["compile_seconds"], "command": shlex.join(cmd).replace(str(shared), "../shared/data")}
+    return {"framework": "jaxloss", "steps": run.summary["final_step"], "horizon": run.summary["horizon"],
+            "time_to_first_step": timing["first_step_at"] - run.launched,
+            "examples_per_second": COMMON["batch_size"] / run.seconds_per_step if run.seconds_per_step else None,
+            "eval_seconds": timing["final_eval_seconds"], "metric": run.summary["final"][metric],
+            "best_metric": run.summary["best_value"], "total_seconds": time.time() - run.launched,
+            "compile_seconds": timing["compile_seconds"], "command": run.command}
 
 
 def run_torch(key: str, shared: Path, *, minutes: float | None, epochs: float | None) -> dict[str, Any]:

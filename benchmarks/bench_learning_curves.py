@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [c for c in CURVES if args.only is None or c.key in args.only.split(",")]
     runs = Path(args.runs_dir).resolve()
     runs.mkdir(parents=True, exist_ok=True)
-    from train.baselines import split_text
+    from benchmarks.baselines import split_text
 
     split_dir = runs / "shakespeare_split"
     split_text(shared / "tinyshakespeare/input.txt", val_fraction=0.1, out_dir=split_dir)

@@ -18,18 +18,12 @@ median seconds per step over the logged windows after the first).
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks._harness import format_table, save_json
-from benchmarks.bench_finetune import COMMON, ROOT, TASKS
+from benchmarks.bench_finetune import ROOT, TASKS, train_minilm
 
 LORA_FLAGS = ["--lora-rank", "8"]
 
@@ -37,32 +31,20 @@ LORA_FLAGS = ["--lora-rank", "8"]
 def run(key: str, mode: str, shared: Path, runs: Path, epochs: float, lora_learning_rate: float | None) -> dict[str, Any]:
     """One ``jaxloss-train`` run, full or LoRA; its measured figures."""
     spec = TASKS[key]
-    out = runs / f"{key}-{mode}"
-    if out.exists():
-        shutil.rmtree(out)
-    cmd = ["jaxloss-train", spec["task"], "--model", "minilm", "--train-file", str(shared / spec["train"]),
-           "--eval-file", str(shared / spec["eval"]), *spec["flags"], "--batch-size", str(COMMON["batch_size"]),
-           "--max-length", str(COMMON["max_length"]), "--epochs", f"{epochs:g}", "--eval-every", "100000",
-           "--output-dir", str(out), "--no-progress", "--log-every", "10"]
+    flags = ["--epochs", f"{epochs:g}", "--eval-every", "100000"]
     if mode == "lora":
-        cmd += LORA_FLAGS + (["--learning-rate", f"{lora_learning_rate:g}"] if lora_learning_rate else [])
+        flags += LORA_FLAGS + (["--learning-rate", f"{lora_learning_rate:g}"] if lora_learning_rate else [])
     else:
-        cmd += ["--learning-rate", str(spec["learning_rate"])]
-    print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, "-m", "train", *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
-    (runs / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"jaxloss-train failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    windows = [r["train/seconds_per_step"] for r in records if "train/seconds_per_step" in r][1:]
+        flags += ["--learning-rate", str(spec["learning_rate"])]
+    result = train_minilm(key, shared, runs / f"{key}-{mode}", flags)
+    summary = result.summary
     return {"task": key, "mode": mode, "steps": summary["final_step"],
             "trainable_parameters": summary["trainable_parameters"], "parameters": summary["parameters"],
             "optimizer_state_bytes": summary["optimizer_state_bytes"],
             "train_step_memory_bytes": summary["train_step_memory_bytes"],
-            "seconds_per_step": float(np.median(windows)) if windows else None,
+            "seconds_per_step": result.seconds_per_step,
             "metric_name": spec["metric"], "metric": summary["final"][f"eval/{spec['task']}/{spec['metric']}"],
-            "command": shlex.join(cmd).replace(str(shared), "../shared/data")}
+            "command": result.command}
 
 
 def table(results: list[dict[str, Any]]) -> str:

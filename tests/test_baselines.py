@@ -1,4 +1,4 @@
-"""The baselines of train.baselines on tiny data with known or independently computed answers."""
+"""The baselines of benchmarks.baselines on tiny data with known or independently computed answers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score
 
-from train import baselines as B
+from benchmarks import baselines as B
 from train.data import ParallelExample, TaggedSentence, TextExample, iob1_to_bio
 from train.metrics import get_entities
 

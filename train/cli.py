@@ -16,7 +16,7 @@ import typing
 from typing import Any, Mapping, Sequence
 
 TRAINING_MODULES = ("flax", "optax", "orbax.checkpoint", "transformers", "tokenizers", "safetensors", "yaml", "tqdm",
-                    "tensorboardX", "matplotlib", "sacrebleu", "sklearn")
+                    "tensorboardX", "matplotlib", "sacrebleu", "sklearn", "scipy")
 INSTALL_HINT = "pip install 'jaxloss[train]' (the loss library alone installs without the training system)"
 
 

@@ -3,11 +3,12 @@ against a reference implementation.
 
 =========================== ===========================================================
 :func:`accuracy`            fraction of equal predictions (optionally skipping an ignore index)
-:func:`macro_f1`            unweighted mean of per-class F1 (as scikit-learn's ``average="macro"``)
+:func:`macro_f1`            unweighted mean of per-class F1 (scikit-learn's ``average="macro"``)
 :func:`ner_scores`          entity-level precision / recall / F1, exactly as seqeval's default
                             (conlleval-compatible) mode, micro-averaged and per entity type
-:func:`pearson`             Pearson's r
-:func:`spearman`            Spearman's rho (Pearson's r of average ranks, ties averaged)
+:func:`ner_summary`         those scores as the named figures a NER evaluation reports
+:func:`pearson`             Pearson's r (scipy)
+:func:`spearman`            Spearman's rho (scipy: Pearson's r of average ranks, ties averaged)
 :func:`mse`                 mean squared error
 :func:`perplexity`          ``exp(sum_nll / count)`` from the (sum, count) pair of a loss
 :func:`corpus_bleu`         sacreBLEU's corpus BLEU (13a tokenization), 0-100
@@ -17,6 +18,7 @@ against a reference implementation.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from typing import Mapping, NamedTuple, Sequence
 
@@ -61,23 +63,27 @@ def _prf(tp: int, n_pred: int, n_true: int) -> tuple[float, float, float]:
 
 
 def macro_f1(predictions, labels, *, classes: Sequence | None = None) -> float:
-    """Unweighted mean over classes of ``F1_c = 2 P_c R_c / (P_c + R_c)``.
+    """Unweighted mean over classes of ``F1_c = 2 P_c R_c / (P_c + R_c)``: scikit-learn's
+    ``f1_score(labels, predictions, average="macro", zero_division=0)``.
 
     Classes are ``classes`` if given, else those appearing in labels or predictions; an
-    undefined precision or recall counts as 0 (as scikit-learn with ``zero_division=0``).
+    undefined precision or recall counts as 0. No classes raise ``ValueError``; given
+    classes and no predictions score 0 (where scikit-learn refuses an empty input).
 
     Example:
       >>> macro_f1([0, 0, 1, 1], [0, 1, 1, 1])  # F1 of class 0: 2/3, of class 1: 0.8
       0.7333333333333334
     """
+    from sklearn.metrics import f1_score
+
     p, y = _as_1d(predictions, "predictions"), _as_1d(labels, "labels")
     _same_length(p, y, "predictions", "labels")
     cs = list(classes) if classes is not None else sorted(set(y.tolist()) | set(p.tolist()))
     if not cs:
         raise ValueError("macro_f1 of no classes")
-    f1s = [_prf(int(((p == c) & (y == c)).sum()), int((p == c).sum()), int((y == c).sum()))[2]
-           for c in cs]
-    return float(np.mean(f1s))
+    if len(y) == 0:
+        return 0.0
+    return float(f1_score(y, p, labels=cs, average="macro", zero_division=0))
 
 
 # ---- entity-level NER scores (seqeval default mode) -------------------------------------
@@ -185,6 +191,22 @@ def ner_scores(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[
     return NERScores(micro, per_type, macro)
 
 
+def ner_summary(scores: NERScores, *, per_type: bool = False) -> dict[str, float]:
+    """The figures a NER evaluation reports: micro ``precision``, ``recall``, ``f1`` and the
+    ``macro_f1`` over types, and with ``per_type`` each type's F1 as ``f1_<type>`` (types sorted).
+
+    Example:
+      >>> s = ner_scores([["B-PER", "O", "B-LOC"]], [["B-PER", "O", "O"]])
+      >>> ner_summary(s, per_type=True)
+      {'precision': 1.0, 'recall': 0.5, 'f1': 0.6666666666666666, 'macro_f1': 0.5, 'f1_LOC': 0.0, 'f1_PER': 1.0}
+    """
+    out = {"precision": scores.micro.precision, "recall": scores.micro.recall, "f1": scores.micro.f1,
+           "macro_f1": scores.macro_f1}
+    if per_type:
+        out.update({f"f1_{entity}": prf.f1 for entity, prf in sorted(scores.per_type.items())})
+    return out
+
+
 def decode_tags(
     predictions, labels, id_to_label: Mapping[int, str] | Sequence[str], *, ignore_index: int = -100,
 ) -> tuple[list[list[str]], list[list[str]]]:
@@ -221,42 +243,43 @@ def _pair(predictions, targets) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _correlation(statistic, x: np.ndarray, y: np.ndarray) -> float:
+    """``statistic(x, y).statistic`` (a ``scipy.stats`` correlation), NaN for a constant side
+    without scipy's warning about it."""
+    from scipy import stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        warnings.simplefilter("ignore", stats.NearConstantInputWarning)
+        return float(statistic(x, y).statistic)
+
+
 def pearson(predictions, targets) -> float:
-    """Pearson's ``r = sum (x - mx)(y - my) / sqrt(sum (x - mx)^2 sum (y - my)^2)``, in
-    float64 (NaN when either side is constant).
+    """Pearson's ``r = sum (x - mx)(y - my) / sqrt(sum (x - mx)^2 sum (y - my)^2)`` in
+    float64: ``scipy.stats.pearsonr``. NaN when either side is constant or holds a NaN;
+    fewer than 2 values raise ``ValueError``.
 
     Example:
       >>> pearson([1, 2, 3], [2, 4, 7])
       0.9933992677987828
     """
-    x, y = _pair(predictions, targets)
-    dx, dy = x - x.mean(), y - y.mean()
-    den = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
-    return float("nan") if den == 0 else float((dx * dy).sum()) / den
+    from scipy import stats
 
-
-def _average_ranks(a: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing the mean of their ranks."""
-    order = np.argsort(a, kind="mergesort")
-    s = a[order]
-    # start of each run of equal values
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    ends = np.r_[starts[1:], len(s)]
-    ranks_sorted = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    ranks = np.empty(len(a), dtype=np.float64)
-    ranks[order] = ranks_sorted
-    return ranks
+    return _correlation(stats.pearsonr, *_pair(predictions, targets))
 
 
 def spearman(predictions, targets) -> float:
-    """Spearman's rho: Pearson's r of the average ranks (ties get their mean rank).
+    """Spearman's rho: Pearson's r of the average ranks (ties get their mean rank), in
+    float64: ``scipy.stats.spearmanr``. NaN when either side is constant or holds a NaN;
+    fewer than 2 values raise ``ValueError``.
 
     Example:
-      >>> spearman([1, 2, 2, 5], [1, 3, 2, 4])
-      0.9486832980505138
+      >>> round(spearman([1, 2, 2, 5], [1, 3, 2, 4]), 12)
+      0.948683298051
     """
-    x, y = _pair(predictions, targets)
-    return pearson(_average_ranks(x), _average_ranks(y))
+    from scipy import stats
+
+    return _correlation(stats.spearmanr, *_pair(predictions, targets))
 
 
 def mse(predictions, targets) -> float:

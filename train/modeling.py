@@ -25,7 +25,7 @@ from train import sharding
 from train.config import TrainConfig
 from train.data.tokenization import load_tokenizer, train_tokenizer
 from train.models import BertMultiTask, from_config, load_pretrained, save_pretrained, state_dict
-from train.models.hf import family_of, parameter_paths
+from train.models.hf import LoadReport, family_of, load_heads, parameter_paths, save_heads
 from train.models.lora import (
     ADAPTER_CONFIG,
     DEFAULT_TARGETS,
@@ -175,6 +175,20 @@ def is_shared_trunk_run(tasks: Sequence[Task]) -> bool:
     return len(tasks) > 1 or tasks[0].head()[0] == "pair_similarity"
 
 
+def load_checkpoint_model(model_dir: Path, tasks: Sequence[Task], **runtime: Any) -> tuple[nnx.Module, LoadReport]:
+    """The run's model with the weights of the checkpoint folder ``model_dir`` (one trunk with a
+    head per task for a shared-trunk run, else the task's architecture; what the checkpoint lacks
+    initialised), and the report of which tensors it provided. ``runtime``: ``dtype``,
+    ``param_dtype``, ``remat``, ``scan_layers``, ``seed`` (default: float32, no remat, looped, 0)."""
+    if is_shared_trunk_run(tasks):
+        from train.models import load_multitask
+
+        return load_multitask(model_dir, {t.name: t.head() for t in tasks}, **runtime, with_report=True)
+    task = tasks[0]
+    arch = None if task.kind in ("lm", "seq2seq") else ENCODER_ARCHITECTURE[task.kind]
+    return load_pretrained(model_dir, arch, strict=False, with_report=True, **runtime, **_label_overrides(task))
+
+
 def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh: Mesh,
                 model_dir: Path | None = None) -> tuple[nnx.Module, set[tuple[Any, ...]] | None]:
     """The model to train, and the paths of its parameters that a checkpoint did not provide
@@ -185,16 +199,7 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
                    seed=config.seed)
 
     def load() -> tuple[nnx.Module, set[tuple[Any, ...]]]:
-        if is_shared_trunk_run(tasks):
-            from train.models import load_multitask
-
-            heads = {t.name: t.head() for t in tasks}
-            model, report = load_multitask(model_dir, heads, **runtime, with_report=True)
-        else:
-            task = tasks[0]
-            arch = None if task.kind in ("lm", "seq2seq") else ENCODER_ARCHITECTURE[task.kind]
-            model, report = load_pretrained(model_dir, arch, strict=False, with_report=True, **runtime,
-                                            **_label_overrides(task))
+        model, report = load_checkpoint_model(model_dir, tasks, **runtime)
         loaded = parameter_paths(model, report.loaded)
         return model, {tuple(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))} - loaded
 
@@ -245,25 +250,12 @@ def save_final_model(model: nnx.Module, tasks: Sequence[Task], tokenizer: Any, p
     cfg["architectures"] = ["BertModel"]
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     save_file({k: np.ascontiguousarray(v) for k, v in trunk.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
-    _save_heads(model, tasks, path)
+    save_heads(model, path, _head_descriptions(tasks))
 
 
-def _save_heads(model: BertMultiTask, tasks: Sequence[Task], path: Path) -> None:
-    from safetensors.numpy import save_file
-
-    heads = {f"{'/'.join(map(str, p))}": np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model.heads, nnx.Param))}
-    save_file({k: np.ascontiguousarray(v) for k, v in heads.items()}, str(path / "heads.safetensors"))
-    (path / "heads.json").write_text(json.dumps({t.name: {"kind": t.head()[0], "num_labels": t.head()[1], **t.state()} for t in tasks}, indent=2))
-
-
-def load_heads(model: BertMultiTask, path: Path) -> None:
-    """Reads a multi-task model's heads from ``path/heads.safetensors`` (in place)."""
-    import jax.numpy as jnp
-    from safetensors.numpy import load_file
-
-    heads = load_file(str(path / "heads.safetensors"))
-    flat = {tuple(int(p) if p.isdigit() else p for p in k.split("/")): v for k, v in heads.items()}
-    nnx.update(model.heads, nnx.from_flat_state({k: jnp.asarray(v) for k, v in flat.items()}))
+def _head_descriptions(tasks: Sequence[Task]) -> dict[str, dict[str, Any]]:
+    """What ``heads.json`` says of each task's head: its kind, its number of labels, the task's state."""
+    return {t.name: {"kind": t.head()[0], "num_labels": t.head()[1], **t.state()} for t in tasks}
 
 
 def save_lora_model(model: nnx.Module, lora: LoraConfig, tasks: Sequence[Task], tokenizer: Any, path: Path, *,
@@ -274,7 +266,7 @@ def save_lora_model(model: nnx.Module, lora: LoraConfig, tasks: Sequence[Task], 
     tokenizer.save_pretrained(str(path))
     save_adapter(model, lora, path, base_model_name_or_path=base)
     if isinstance(model, BertMultiTask):
-        _save_heads(model, tasks, path)
+        save_heads(model, path, _head_descriptions(tasks))
     if merged_path is not None:
         merge_lora(model)
         save_final_model(model, tasks, tokenizer, merged_path)
@@ -290,15 +282,8 @@ def load_lora_model(config: TrainConfig, tasks: Sequence[Task], path: Path) -> n
     model_dir, _ = checkpoint_folders(config)
     if model_dir is None:
         raise FileNotFoundError(f"{path} holds a LoRA adapter but the run's config names no --model to adapt")
-    if is_shared_trunk_run(tasks):
-        from train.models import load_multitask
-
-        model = load_multitask(model_dir, {t.name: t.head() for t in tasks})
-        load_adapter(model, path)
-        load_heads(model, path)
-        return model
-    task = tasks[0]
-    arch = None if task.kind in ("lm", "seq2seq") else ENCODER_ARCHITECTURE[task.kind]
-    model = load_pretrained(model_dir, arch, strict=False, **_label_overrides(task))
+    model, _ = load_checkpoint_model(model_dir, tasks)
     load_adapter(model, path)
+    if is_shared_trunk_run(tasks):
+        load_heads(model, path)
     return model

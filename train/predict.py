@@ -44,8 +44,9 @@ from train.config import TrainConfig
 from train.data.batching import sequence_pad_values
 from train.data.records import DataError
 from train.data.tokenization import encode_tagged, load_tokenizer
-from train.modeling import is_adapter_folder, is_shared_trunk_run, load_heads, load_lora_model
+from train.modeling import is_adapter_folder, is_shared_trunk_run, load_lora_model
 from train.models import load_multitask, load_pretrained
+from train.models.hf import load_heads
 from train.step import forward
 from train.tasks.base import Task
 

@@ -10,6 +10,8 @@
   ``transformers.AutoModelFor...from_pretrained`` loads to the same numbers.
 - :func:`state_dict`: any parameter-shaped state (parameters, gradients) under PyTorch names
   and layouts.
+- :func:`save_heads` / :func:`load_heads`: a multi-task model's heads (``heads.safetensors``,
+  ``heads.json``), beside its trunk's Hugging Face folder.
 
 Example:
   >>> import tempfile
@@ -31,7 +33,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -262,12 +264,13 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, strict
     return LoadReport(tuple(loaded), tuple(missing), tuple(unexpected))
 
 
-def state_dict(model: nnx.Module, state: Any = None) -> dict[str, np.ndarray]:
+def state_dict(model: nnx.Module, state: Any = None, *, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """``{PyTorch name: array in PyTorch layout}`` of ``model``'s parameters.
 
     ``state`` (e.g. gradients from ``nnx.grad`` / ``nnx.state(model, nnx.Param)`` of the same
     model) is mapped instead of the parameters when given. Tied tensors appear once, under
-    the name PyTorch's ``named_parameters()`` uses.
+    the name PyTorch's ``named_parameters()`` uses. With ``names`` only those tensors are
+    converted and returned.
     """
     if state is None:
         flat = {p: v[...] for p, v in _flat_params(model).items()}
@@ -275,6 +278,8 @@ def state_dict(model: nnx.Module, state: Any = None) -> dict[str, np.ndarray]:
         flat = {tuple(p): (v[...] if isinstance(v, nnx.Variable) else v) for p, v in nnx.to_flat_state(state)}
     out = {}
     for m in _maps(model):
+        if names is not None and m.name not in names:
+            continue
         try:
             arrays = [np.asarray(flat[p], dtype=np.float32) if flat[p].dtype == jnp.bfloat16 else np.asarray(flat[p])
                       for p in m.paths]
@@ -372,3 +377,47 @@ def load_multitask(path: str | os.PathLike, heads: Mapping[str, tuple[str, int]]
     report = load_weights(model, tensors, strict=False, source=str(path))
     model.eval()
     return (model, report) if with_report else model
+
+
+#: A multi-task model's heads, beside its trunk's ``model.safetensors``: their parameters by path
+#: under ``model.heads`` (``/``-joined), and what each head is.
+HEADS_WEIGHTS = "heads.safetensors"
+HEADS_DESCRIPTION = "heads.json"
+
+
+def save_heads(model: bert.BertMultiTask, path: str | os.PathLike, description: Mapping[str, Mapping[str, Any]]) -> None:
+    """Writes the heads of a :class:`~train.models.bert.BertMultiTask` into the folder ``path``:
+    their parameters in ``heads.safetensors`` and ``description`` (by head name: its kind, its
+    number of labels, its task's state) in ``heads.json``; :func:`load_heads` reads them back."""
+    from safetensors.numpy import save_file
+
+    p = Path(path)
+    heads = {"/".join(map(str, k)): np.ascontiguousarray(np.asarray(v))
+             for k, v in nnx.to_flat_state(nnx.state(model.heads, nnx.Param))}
+    save_file(heads, str(p / HEADS_WEIGHTS))
+    (p / HEADS_DESCRIPTION).write_text(json.dumps(description, indent=2))
+
+
+def load_heads(model: bert.BertMultiTask, path: str | os.PathLike) -> None:
+    """Reads the heads that :func:`save_heads` wrote into the folder ``path`` (in place).
+
+    Example:
+      >>> import tempfile
+      >>> from transformers import BertConfig
+      >>> cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+      ...                  intermediate_size=37).to_dict()
+      >>> heads = {"tags": ("token_classification", 3)}
+      >>> model, folder = bert.BertMultiTask(cfg, heads, rngs=nnx.Rngs(0)), tempfile.mkdtemp()
+      >>> save_heads(model, folder, {"tags": {"kind": "token_classification", "num_labels": 3}})
+      >>> other = bert.BertMultiTask(cfg, heads, rngs=nnx.Rngs(1))
+      >>> load_heads(other, folder)
+      >>> import jax
+      >>> all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.state(model.heads, nnx.Param)),
+      ...                                          jax.tree.leaves(nnx.state(other.heads, nnx.Param))))
+      True
+    """
+    from safetensors.numpy import load_file
+
+    heads = load_file(str(Path(path) / HEADS_WEIGHTS))
+    flat = {tuple(int(p) if p.isdigit() else p for p in k.split("/")): jnp.asarray(v) for k, v in heads.items()}
+    nnx.update(model.heads, nnx.from_flat_state(flat))

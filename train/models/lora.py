@@ -220,14 +220,12 @@ def adapter_tensors(model: nnx.Module, config: LoraConfig) -> dict[str, np.ndarr
             b = jnp.concatenate([layer.lora.lora_b[...] for layer in layers], axis=-1)
             out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a, np.float32).T)
             out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b, np.float32).T)
-    if config.modules_to_save:
+    saved = {m.name for m in model.tensor_maps()
+             if any(matches(m.name.rsplit(".", 1)[0], t) for t in config.modules_to_save)}
+    if saved:
         from train.models.hf import state_dict
 
-        full = state_dict(model)
-        for tensor_name, value in full.items():
-            module = tensor_name.rsplit(".", 1)[0]
-            if any(matches(module, t) for t in config.modules_to_save):
-                out[PEFT_PREFIX + tensor_name] = value
+        out.update({PEFT_PREFIX + name: value for name, value in state_dict(model, names=saved).items()})
     return out
 
 

@@ -80,12 +80,7 @@ class NerTask(Task):
                                        self.eval_labels or self.labels)
             true_tags += t
             pred_tags += q
-        scores = metrics.ner_scores(true_tags, pred_tags)
-        out = {"precision": scores.micro.precision, "recall": scores.micro.recall, "f1": scores.micro.f1,
-               "macro_f1": scores.macro_f1}
-        for entity, prf in sorted(scores.per_type.items()):
-            out[f"f1_{entity}"] = prf.f1
-        return out
+        return metrics.ner_summary(metrics.ner_scores(true_tags, pred_tags), per_type=True)
 
     def state(self) -> dict[str, Any]:
         return {"labels": list(self.labels)}

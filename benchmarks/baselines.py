@@ -371,7 +371,7 @@ def most_frequent_tag(train: Sequence[TaggedSentence], eval: Sequence[TaggedSent
 
 def ner_metrics(predictions: Sequence[Sequence[str]], eval: Sequence[TaggedSentence]) -> dict[str, float]:
     """Entity-level micro ``precision``, ``recall``, ``f1`` and ``macro_f1`` over types
-    (:func:`train.metrics.ner_scores`, seqeval's default mode).
+    (:func:`train.metrics.ner_summary` of :func:`train.metrics.ner_scores`, seqeval's default mode).
 
     Example:
       >>> from train.data import TaggedSentence
@@ -379,9 +379,7 @@ def ner_metrics(predictions: Sequence[Sequence[str]], eval: Sequence[TaggedSente
       >>> ner_metrics([["B-PER", "B-LOC"]], ev)["precision"]
       0.5
     """
-    s = metrics.ner_scores([list(r.tags) for r in eval], [list(p) for p in predictions])
-    return {"precision": s.micro.precision, "recall": s.micro.recall, "f1": s.micro.f1,
-            "macro_f1": s.macro_f1}
+    return metrics.ner_summary(metrics.ner_scores([list(r.tags) for r in eval], [list(p) for p in predictions]))
 
 
 # ---- language modelling -------------------------------------------------------------------
