@@ -4,7 +4,7 @@ process shards."""
 import numpy as np
 import pytest
 
-from train.data import Batcher, shard_batch
+from train.data import Batcher, process_rows
 
 
 def make_features(n=103, seed=0, max_len=70):
@@ -116,7 +116,7 @@ def test_process_shards_make_up_the_global_batch(count):
         for k in g:
             np.testing.assert_array_equal(np.concatenate([l[k] for l in locs]), g[k])
             for i, l in enumerate(locs):
-                np.testing.assert_array_equal(shard_batch(g, i, count)[k], l[k])
+                np.testing.assert_array_equal(process_rows(g, i, count)[k], l[k])
     with pytest.raises(ValueError, match="not divisible"):
         Batcher(feats, 6, pad_id=0, process_count=4)
 

@@ -42,14 +42,14 @@ def sequence_pad_values(pad_id: int) -> dict[str, int]:
     return {**_SEQ_PAD_DEFAULTS, "input_ids": pad_id, "decoder_input_ids": pad_id, "pair_input_ids": pad_id}
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], process_index: int,
-                process_count: int) -> dict[str, np.ndarray]:
+def process_rows(batch: Mapping[str, np.ndarray], process_index: int,
+                 process_count: int) -> dict[str, np.ndarray]:
     """The rows of a global batch that belong to process ``process_index`` of
     ``process_count``: the ``process_index``-th of ``process_count`` equal slices.
 
     Example:
       >>> b = {"x": np.arange(8)}
-      >>> shard_batch(b, 1, 4)["x"].tolist()
+      >>> process_rows(b, 1, 4)["x"].tolist()
       [2, 3]
     """
     if not 0 <= process_index < process_count:
@@ -131,7 +131,7 @@ class Batcher:
         it with rows whose ``example_mask`` is False.
       pad_values: padding per field name, over the defaults above.
       process_index, process_count: produce only this process's rows of each global
-        batch (:func:`shard_batch`, the ``process_index``-th contiguous block); every
+        batch (:func:`process_rows`, the ``process_index``-th contiguous block); every
         process computes the same global order. The block matches a mesh only where
         process ``p`` holds the ``p``-th block of batch shards; the training loop builds
         the global batch on every process instead and places rows by the batch sharding.
