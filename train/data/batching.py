@@ -1,13 +1,13 @@
-"""Batches of padded numpy arrays: length buckets, a seeded order that can be resumed
-exactly, and the rows of one process for multi-host training.
+"""Batches of padded numpy arrays: length buckets and a seeded order that can be resumed
+exactly.
 
 Each feature (a dict from :mod:`train.data.tokenization`) goes to the bucket of its
 padded length ``P = ceil(L / pad_to_multiple) * pad_to_multiple`` (``L``: its longest
 sequence field), so a batch holds examples of similar length and every array of a
 bucket has one shape: the compiled step is reused across batches of a bucket.
 
-A batch is a dict of arrays with leading axis ``batch_size`` (or ``batch_size /
-process_count`` per process):
+A batch is a dict of arrays with leading axis ``batch_size``, the whole global batch on
+every process (:func:`train.sharding.shard_batch` places its rows on the devices):
 
 ==================== ==================================================================
 sequence fields      ``int32 [B, P]``, padded with ``pad_values[name]``: ``input_ids``
@@ -40,29 +40,6 @@ def sequence_pad_values(pad_id: int) -> dict[str, int]:
     """The padding of each token field: token ids with ``pad_id``, labels with -100, masks
     and token types with 0 (a field not named here pads with 0)."""
     return {**_SEQ_PAD_DEFAULTS, "input_ids": pad_id, "decoder_input_ids": pad_id, "pair_input_ids": pad_id}
-
-
-def process_rows(batch: Mapping[str, np.ndarray], process_index: int,
-                 process_count: int) -> dict[str, np.ndarray]:
-    """The rows of a global batch that belong to process ``process_index`` of
-    ``process_count``: the ``process_index``-th of ``process_count`` equal slices.
-
-    Example:
-      >>> b = {"x": np.arange(8)}
-      >>> process_rows(b, 1, 4)["x"].tolist()
-      [2, 3]
-    """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
-    out = {}
-    for name, arr in batch.items():
-        n = arr.shape[0]
-        if n % process_count:
-            raise ValueError(f"batch field {name!r} has {n} rows, not divisible by "
-                             f"process_count={process_count}")
-        k = n // process_count
-        out[name] = arr[process_index * k:(process_index + 1) * k]
-    return out
 
 
 def choose_buckets(lengths: Sequence[int], count: int, *, multiple: int = 8, max_length: int | None = None) -> list[int]:
@@ -130,11 +107,6 @@ class Batcher:
         the shuffle each epoch; ``dropped_per_epoch`` counts them), instead of filling
         it with rows whose ``example_mask`` is False.
       pad_values: padding per field name, over the defaults above.
-      process_index, process_count: produce only this process's rows of each global
-        batch (:func:`process_rows`, the ``process_index``-th contiguous block); every
-        process computes the same global order. The block matches a mesh only where
-        process ``p`` holds the ``p``-th block of batch shards; the training loop builds
-        the global batch on every process instead and places rows by the batch sharding.
 
     Example:
       >>> feats = [{"input_ids": [5] * n, "labels": n % 2} for n in (3, 20, 4, 18, 5)]
@@ -155,19 +127,12 @@ class Batcher:
         max_length: int | None = None,
         drop_remainder: bool = False,
         pad_values: Mapping[str, int | float] | None = None,
-        process_index: int = 0,
-        process_count: int = 1,
         max_buckets: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if pad_to_multiple < 1:
             raise ValueError(f"pad_to_multiple must be positive, got {pad_to_multiple}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
-        if batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} is not divisible by "
-                             f"process_count={process_count}")
         if not features:
             raise ValueError("features is empty")
         self.features = features
@@ -175,8 +140,6 @@ class Batcher:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_remainder = drop_remainder
-        self.process_index = process_index
-        self.process_count = process_count
         self._fields = self._check_fields(features)
         self._pad = {**sequence_pad_values(pad_id), **(pad_values or {})}
 
@@ -257,13 +220,11 @@ class Batcher:
         return plan
 
     def make_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Pad the features at ``indices`` into this process's rows of one global batch."""
+        """Pad the features at ``indices`` into one global batch."""
         seq_fields = [k for k, (s, _) in self._fields.items() if s]
         length = int(self._padded[int(indices[0])]) if seq_fields else 0
         rows = np.full(self.batch_size, -1, dtype=np.int64)
         rows[:len(indices)] = indices
-        k = self.batch_size // self.process_count
-        rows = rows[self.process_index * k:(self.process_index + 1) * k]
         batch: dict[str, np.ndarray] = {}
         for name, (is_seq, dtype) in self._fields.items():
             if is_seq:
