@@ -42,6 +42,41 @@ def sequence_pad_values(pad_id: int) -> dict[str, int]:
     return {**_SEQ_PAD_DEFAULTS, "input_ids": pad_id, "decoder_input_ids": pad_id, "pair_input_ids": pad_id}
 
 
+def pad_batch(rows: Sequence[Feature | None], fields: Mapping[str, tuple[bool, Any]],
+              pad_values: Mapping[str, int | float], length: int | None = None) -> dict[str, np.ndarray]:
+    """``rows`` padded into one batch, with ``example_mask`` False for the filler rows (``None``).
+
+    ``fields`` maps each field to ``(is_sequence, numpy dtype)``: a sequence field becomes a
+    ``[rows, length]`` array (default length: the longest of its values), a scalar field a
+    ``[rows]`` array. Padding comes from ``pad_values``; a field not named there pads with 0,
+    an integer scalar field with -100.
+
+    Example:
+      >>> b = pad_batch([{"input_ids": [5, 6], "labels": 1}, None], {"input_ids": (True, np.int32),
+      ...               "labels": (False, np.int32)}, {"input_ids": 0})
+      >>> b["input_ids"].tolist(), b["labels"].tolist(), b["example_mask"].tolist()
+      ([[5, 6], [0, 0]], [1, -100], [True, False])
+    """
+    if length is None:
+        length = max((len(f[k]) for f in rows if f is not None for k, (is_seq, _) in fields.items() if is_seq),
+                     default=0)
+    batch: dict[str, np.ndarray] = {}
+    for name, (is_seq, dtype) in fields.items():
+        if is_seq:
+            arr = np.full((len(rows), length), pad_values.get(name, 0), dtype=dtype)
+            for r, f in enumerate(rows):
+                if f is not None:
+                    arr[r, :len(f[name])] = f[name]
+        else:
+            arr = np.full(len(rows), pad_values.get(name, IGNORE_INDEX if dtype == np.int32 else 0.0), dtype=dtype)
+            for r, f in enumerate(rows):
+                if f is not None:
+                    arr[r] = f[name]
+        batch[name] = arr
+    batch["example_mask"] = np.array([f is not None for f in rows], dtype=bool)
+    return batch
+
+
 def choose_buckets(lengths: Sequence[int], count: int, *, multiple: int = 8, max_length: int | None = None) -> list[int]:
     """At most ``count`` padded lengths (multiples of ``multiple``, the last one covering the
     longest of ``lengths``, none above ``max_length``) that minimize the padded tokens
@@ -225,23 +260,7 @@ class Batcher:
         length = int(self._padded[int(indices[0])]) if seq_fields else 0
         rows = np.full(self.batch_size, -1, dtype=np.int64)
         rows[:len(indices)] = indices
-        batch: dict[str, np.ndarray] = {}
-        for name, (is_seq, dtype) in self._fields.items():
-            if is_seq:
-                pad = self._pad.get(name, 0)
-                arr = np.full((len(rows), length), pad, dtype=dtype)
-                for r, i in enumerate(rows):
-                    if i >= 0:
-                        v = self.features[i][name]
-                        arr[r, :len(v)] = v
-            else:
-                pad = self._pad.get(name, IGNORE_INDEX if dtype == np.int32 else 0.0)
-                arr = np.full(len(rows), pad, dtype=dtype)
-                for r, i in enumerate(rows):
-                    if i >= 0:
-                        arr[r] = self.features[i][name]
-            batch[name] = arr
-        batch["example_mask"] = rows >= 0
+        batch = pad_batch([self.features[i] if i >= 0 else None for i in rows], self._fields, self._pad, length)
         batch["example_index"] = rows.astype(np.int32)
         return batch
 
