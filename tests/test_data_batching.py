@@ -1,10 +1,9 @@
-"""Batcher: every example once per epoch, exact padding, buckets, seeded resumable order,
-process shards."""
+"""Batcher: every example once per epoch, exact padding, buckets, seeded resumable order."""
 
 import numpy as np
 import pytest
 
-from train.data import Batcher, shard_batch
+from train.data import Batcher
 
 
 def make_features(n=103, seed=0, max_len=70):
@@ -102,23 +101,6 @@ def test_restore_refuses_other_data():
         Batcher(feats, 8, pad_id=0, seed=8).restore(state)
     with pytest.raises(ValueError, match="num_features"):
         Batcher(feats[:-1], 8, pad_id=0, seed=7).restore(state)
-
-
-@pytest.mark.parametrize("count", [2, 4])
-def test_process_shards_make_up_the_global_batch(count):
-    feats = make_features()
-    whole = Batcher(feats, 8, pad_id=0, seed=5)
-    parts = [Batcher(feats, 8, pad_id=0, seed=5, process_index=i, process_count=count)
-             for i in range(count)]
-    for _ in range(whole.batches_per_epoch + 2):
-        g = next(whole)
-        locs = [next(p) for p in parts]
-        for k in g:
-            np.testing.assert_array_equal(np.concatenate([l[k] for l in locs]), g[k])
-            for i, l in enumerate(locs):
-                np.testing.assert_array_equal(shard_batch(g, i, count)[k], l[k])
-    with pytest.raises(ValueError, match="not divisible"):
-        Batcher(feats, 6, pad_id=0, process_count=4)
 
 
 def test_drop_remainder_and_scalar_class_labels():

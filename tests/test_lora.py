@@ -29,57 +29,50 @@ from train.models.lora import (  # noqa: E402
 V, B, T = 60, 3, 7
 
 
-def _bert(tmp_path):
+def _saved(torch_cls, config, tmp_path):
+    """A seeded ``torch_cls`` of ``config`` in eval mode, saved to ``tmp_path / "base"``."""
     torch.manual_seed(0)
+    pt = torch_cls(config).eval()
+    pt.save_pretrained(tmp_path / "base")
+    return pt
+
+
+def _bert(tmp_path):
     cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_attention_heads=4, intermediate_size=37,
                                   num_hidden_layers=2, max_position_embeddings=32, num_labels=3,
                                   attn_implementation="eager")
-    pt = transformers.BertForSequenceClassification(cfg).eval()
-    pt.save_pretrained(tmp_path / "base")
-    return pt
+    return _saved(transformers.BertForSequenceClassification, cfg, tmp_path)
 
 
 def _gpt2(tmp_path):
-    torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_head=4, n_layer=2, n_positions=32,
                                   attn_implementation="eager")
-    pt = transformers.GPT2LMHeadModel(cfg).eval()
-    pt.save_pretrained(tmp_path / "base")
-    return pt
+    return _saved(transformers.GPT2LMHeadModel, cfg, tmp_path)
 
 
 def _llama(tmp_path):
-    torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                                    intermediate_size=40, num_hidden_layers=2, max_position_embeddings=32,
                                    attn_implementation="eager")
-    pt = transformers.LlamaForCausalLM(cfg).eval()
-    pt.save_pretrained(tmp_path / "base")
-    return pt
+    return _saved(transformers.LlamaForCausalLM, cfg, tmp_path)
 
 
 def _bart(tmp_path):
-    torch.manual_seed(0)
     cfg = transformers.BartConfig(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                                   decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
                                   max_position_embeddings=32, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                                   decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None,
                                   attn_implementation="eager")
-    pt = transformers.BartForConditionalGeneration(cfg).eval()
-    pt.save_pretrained(tmp_path / "base")
-    return pt
+    return _saved(transformers.BartForConditionalGeneration, cfg, tmp_path)
 
 
 def _marian(tmp_path):
-    torch.manual_seed(0)
     cfg = transformers.MarianConfig(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2,
                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
                                     decoder_ffn_dim=37, max_position_embeddings=32, pad_token_id=V - 1, eos_token_id=0,
                                     decoder_start_token_id=V - 1, forced_eos_token_id=None, scale_embedding=True,
                                     attn_implementation="eager")
-    pt = transformers.MarianMTModel(cfg).eval()
-    pt.save_pretrained(tmp_path / "base")
-    return pt
+    return _saved(transformers.MarianMTModel, cfg, tmp_path)
 
 
 def _batch(seed=0, types=True, decoder=False):

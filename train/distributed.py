@@ -5,8 +5,12 @@ connects them so a mesh spans all processes' devices and a jitted step is one SP
 program. On CPU, cross-process collectives go through gloo
 (``jax_cpu_collectives_implementation="gloo"``).
 
-Each process loads only its own rows of the global batch (:func:`process_batch_slice`)
-and :func:`train.sharding.shard_batch` assembles the global array. Decisions taken
+Every process builds the whole global batch: the batchers draw the same seeded order
+everywhere, and per-example randomness (masked-LM corruption) is drawn once for the global
+batch, so a run gives the same batches on any number of processes.
+:func:`train.sharding.shard_batch` then hands each of this process's devices the rows that
+the batch sharding assigns it (``jax.make_array_from_callback``), whatever the mesh's layout
+of processes; evaluation batches are replicated on every device. Decisions taken
 outside the jitted step (stop now, which step to resume) must be the same everywhere:
 :func:`any_process` and :func:`all_reduce_max` settle them with one tiny all-reduce.
 
@@ -27,8 +31,6 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-
-from train.sharding import DEFAULT_RULES, LogicalRules, batch_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -183,41 +185,6 @@ def initialize(
 def is_main_process() -> bool:
     """``True`` on process 0: the one that logs, writes metrics and prints."""
     return jax.process_index() == 0
-
-
-def process_batch_slice(
-    global_batch_size: int,
-    mesh: jax.sharding.Mesh,
-    rules: LogicalRules = DEFAULT_RULES,
-) -> slice:
-    """The rows of a global batch this process loads and passes to ``shard_batch``.
-
-    Read from the batch sharding's placement of rows on this process's devices, so it
-    agrees with ``jax.make_array_from_process_local_data`` for any mesh layout.
-
-    Raises:
-      ValueError: this process's rows are not one contiguous block (a mesh whose batch
-        axes interleave processes), or the batch does not divide over the batch shards.
-
-    >>> from train.sharding import make_mesh
-    >>> process_batch_slice(8, make_mesh("data=1", devices=jax.devices()[:1]))
-    slice(0, 8, None)
-    """
-    sharding = batch_sharding(mesh, 1, rules)
-    try:
-        index_map = sharding.addressable_devices_indices_map((global_batch_size,))
-    except ValueError as err:
-        raise ValueError(f"global batch size {global_batch_size} does not fit mesh {dict(mesh.shape)}: {err}") from err
-    rows: set[int] = set()
-    for index in index_map.values():
-        rows.update(range(*index[0].indices(global_batch_size)))
-    start, stop = min(rows), max(rows) + 1
-    if len(rows) != stop - start:
-        raise ValueError(
-            f"process {jax.process_index()} holds rows {sorted(rows)} of the batch, not one contiguous block; "
-            f"order the mesh so each process's devices are adjacent on the batch axes"
-        )
-    return slice(start, stop)
 
 
 def barrier(name: str) -> None:

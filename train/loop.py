@@ -247,15 +247,8 @@ def _log_counts(name: str, split: str, records: Any, features: Any) -> None:
 
 
 def _device_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, Any]:
-    """A global training batch (the same on every process) as global arrays split over the batch axes.
-
-    Each of this process's devices gets the rows the batch sharding assigns it, whatever the
-    mesh's layout of processes.
-    """
-    def place(x: np.ndarray) -> jax.Array:
-        return jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh, x.ndim), lambda index: x[index])
-
-    return {k: place(np.asarray(v)) for k, v in batch.items() if k != "example_index"}
+    """A global training batch (the same on every process) as global arrays split over the batch axes."""
+    return sharding.shard_batch({k: v for k, v in batch.items() if k != "example_index"}, mesh)
 
 
 def _replicated_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, Any]:

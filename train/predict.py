@@ -41,7 +41,7 @@ from flax import nnx
 import jaxloss
 from train import metrics
 from train.config import TrainConfig
-from train.data.batching import sequence_pad_values
+from train.data.batching import pad_batch, sequence_pad_values
 from train.data.records import DataError
 from train.data.tokenization import encode_tagged, load_tokenizer
 from train.modeling import is_adapter_folder, is_shared_trunk_run, load_lora_model
@@ -94,12 +94,8 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 def _pad(features: list[dict[str, Any]], pad_id: int) -> dict[str, np.ndarray]:
     """The token fields of ``features`` padded to one length: ids with ``pad_id``, labels with -100."""
-    keys = [k for k, v in features[0].items() if isinstance(v, list)]
-    length = max(len(f[k]) for f in features for k in keys)
-    fills = sequence_pad_values(pad_id)
-    out = {k: np.array([f[k] + [fills.get(k, 0)] * (length - len(f[k])) for f in features], np.int32) for k in keys}
-    out["example_mask"] = np.ones(len(features), bool)
-    return out
+    tokens = {k: (True, np.int32) for k, v in features[0].items() if isinstance(v, list)}
+    return pad_batch(features, tokens, sequence_pad_values(pad_id))
 
 
 def predict_file(run_dir: str | Path, file: str | Path, *, output: str | Path | None = None, task: str | None = None,

@@ -371,48 +371,32 @@ def batch_divisor(mesh: Mesh, rules: LogicalRules | Mapping[str, MeshAxes] = DEF
     return math.prod(mesh.shape.get(a, 1) for a in _rules_dict(rules).get("batch", ()))
 
 
-def local_batch_shards(mesh: Mesh, rules: LogicalRules | Mapping[str, MeshAxes] = DEFAULT_RULES) -> int:
-    """How many distinct batch shards this process's devices hold (``batch_divisor`` on one process)."""
-    axes = [mesh.axis_names.index(a) for a in _rules_dict(rules).get("batch", ()) if a in mesh.axis_names]
-    me = jax.process_index()
-    groups = {
-        tuple(int(index[i]) for i in axes)
-        for index, device in np.ndenumerate(mesh.devices)
-        if device.process_index == me
-    }
-    return max(len(groups), 1)
-
-
 def shard_batch(
     batch: T,
     mesh: Mesh,
     rules: LogicalRules | Mapping[str, MeshAxes] = DEFAULT_RULES,
 ) -> T:
-    """Turns this process's rows of a batch (a pytree of numpy arrays) into global arrays.
+    """Places a global batch (a pytree of numpy arrays, the same on every process) on ``mesh``.
 
-    On one process ``batch`` is the whole batch. With several processes each passes its
-    own contiguous rows (:func:`train.distributed.process_batch_slice`); the global batch
-    has ``batch_divisor / local_batch_shards`` times as many rows
-    (``jax.make_array_from_process_local_data``).
+    Dimension 0 is split over the batch axes (:func:`batch_sharding`): each of this process's
+    devices gets the rows the sharding assigns it (``jax.make_array_from_callback``),
+    whatever the mesh's layout of processes.
 
     Raises:
-      ValueError: a leaf's global batch size is not a multiple of the batch shards.
+      ValueError: a leaf is a scalar, or its rows do not divide over the batch shards.
     """
     divisor = batch_divisor(mesh, rules)
-    local_shards = local_batch_shards(mesh, rules)
 
     def one(path: Any, x: Any) -> jax.Array:
         x = np.asarray(x)
         if x.ndim == 0:
             raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} is a scalar; batch arrays need a batch dimension")
-        global_rows = x.shape[0] * divisor // local_shards
-        if x.shape[0] % local_shards or global_rows % divisor:
+        if x.shape[0] % divisor:
             raise ValueError(
                 f"batch leaf {jax.tree_util.keystr(path)} of shape {x.shape}: {x.shape[0]} rows do not divide "
-                f"over this process's {local_shards} of the {divisor} batch shards of mesh {dict(mesh.shape)}"
+                f"over the {divisor} batch shards of mesh {dict(mesh.shape)}"
             )
-        sharding = batch_sharding(mesh, x.ndim, rules)
-        return jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
+        return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim, rules), lambda index: x[index])
 
     return jax.tree_util.tree_map_with_path(one, batch)
 

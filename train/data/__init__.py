@@ -5,7 +5,7 @@ numpy arrays. Readers stop at bad data with a :class:`DataError` naming the file
 line and the problem, and count whatever they leave out in ``Records.counts``.
 """
 
-from train.data.batching import Batcher, shard_batch
+from train.data.batching import Batcher
 from train.data.conll import iob1_to_bio, iobes_to_bio, read_conll
 from train.data.records import (
     DataError,
@@ -32,7 +32,7 @@ from train.data.tokenization import (
 )
 
 __all__ = [
-    "Batcher", "shard_batch",
+    "Batcher",
     "iob1_to_bio", "iobes_to_bio", "read_conll",
     "DataError", "ParallelExample", "Records", "TaggedSentence", "TextChunk", "TextExample",
     "open_text",

@@ -1,13 +1,13 @@
-"""Batches of padded numpy arrays: length buckets, a seeded order that can be resumed
-exactly, and the rows of one process for multi-host training.
+"""Batches of padded numpy arrays: length buckets and a seeded order that can be resumed
+exactly.
 
 Each feature (a dict from :mod:`train.data.tokenization`) goes to the bucket of its
 padded length ``P = ceil(L / pad_to_multiple) * pad_to_multiple`` (``L``: its longest
 sequence field), so a batch holds examples of similar length and every array of a
 bucket has one shape: the compiled step is reused across batches of a bucket.
 
-A batch is a dict of arrays with leading axis ``batch_size`` (or ``batch_size /
-process_count`` per process):
+A batch is a dict of arrays with leading axis ``batch_size``, the whole global batch on
+every process (:func:`train.sharding.shard_batch` places its rows on the devices):
 
 ==================== ==================================================================
 sequence fields      ``int32 [B, P]``, padded with ``pad_values[name]``: ``input_ids``
@@ -42,27 +42,39 @@ def sequence_pad_values(pad_id: int) -> dict[str, int]:
     return {**_SEQ_PAD_DEFAULTS, "input_ids": pad_id, "decoder_input_ids": pad_id, "pair_input_ids": pad_id}
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], process_index: int,
-                process_count: int) -> dict[str, np.ndarray]:
-    """The rows of a global batch that belong to process ``process_index`` of
-    ``process_count``: the ``process_index``-th of ``process_count`` equal slices.
+def pad_batch(rows: Sequence[Feature | None], fields: Mapping[str, tuple[bool, Any]],
+              pad_values: Mapping[str, int | float], length: int | None = None) -> dict[str, np.ndarray]:
+    """``rows`` padded into one batch, with ``example_mask`` False for the filler rows (``None``).
+
+    ``fields`` maps each field to ``(is_sequence, numpy dtype)``: a sequence field becomes a
+    ``[rows, length]`` array (default length: the longest of its values), a scalar field a
+    ``[rows]`` array. Padding comes from ``pad_values``; a field not named there pads with 0,
+    an integer scalar field with -100.
 
     Example:
-      >>> b = {"x": np.arange(8)}
-      >>> shard_batch(b, 1, 4)["x"].tolist()
-      [2, 3]
+      >>> b = pad_batch([{"input_ids": [5, 6], "labels": 1}, None], {"input_ids": (True, np.int32),
+      ...               "labels": (False, np.int32)}, {"input_ids": 0})
+      >>> b["input_ids"].tolist(), b["labels"].tolist(), b["example_mask"].tolist()
+      ([[5, 6], [0, 0]], [1, -100], [True, False])
     """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
-    out = {}
-    for name, arr in batch.items():
-        n = arr.shape[0]
-        if n % process_count:
-            raise ValueError(f"batch field {name!r} has {n} rows, not divisible by "
-                             f"process_count={process_count}")
-        k = n // process_count
-        out[name] = arr[process_index * k:(process_index + 1) * k]
-    return out
+    if length is None:
+        length = max((len(f[k]) for f in rows if f is not None for k, (is_seq, _) in fields.items() if is_seq),
+                     default=0)
+    batch: dict[str, np.ndarray] = {}
+    for name, (is_seq, dtype) in fields.items():
+        if is_seq:
+            arr = np.full((len(rows), length), pad_values.get(name, 0), dtype=dtype)
+            for r, f in enumerate(rows):
+                if f is not None:
+                    arr[r, :len(f[name])] = f[name]
+        else:
+            arr = np.full(len(rows), pad_values.get(name, IGNORE_INDEX if dtype == np.int32 else 0.0), dtype=dtype)
+            for r, f in enumerate(rows):
+                if f is not None:
+                    arr[r] = f[name]
+        batch[name] = arr
+    batch["example_mask"] = np.array([f is not None for f in rows], dtype=bool)
+    return batch
 
 
 def choose_buckets(lengths: Sequence[int], count: int, *, multiple: int = 8, max_length: int | None = None) -> list[int]:
@@ -130,11 +142,6 @@ class Batcher:
         the shuffle each epoch; ``dropped_per_epoch`` counts them), instead of filling
         it with rows whose ``example_mask`` is False.
       pad_values: padding per field name, over the defaults above.
-      process_index, process_count: produce only this process's rows of each global
-        batch (:func:`shard_batch`, the ``process_index``-th contiguous block); every
-        process computes the same global order. The block matches a mesh only where
-        process ``p`` holds the ``p``-th block of batch shards; the training loop builds
-        the global batch on every process instead and places rows by the batch sharding.
 
     Example:
       >>> feats = [{"input_ids": [5] * n, "labels": n % 2} for n in (3, 20, 4, 18, 5)]
@@ -155,19 +162,12 @@ class Batcher:
         max_length: int | None = None,
         drop_remainder: bool = False,
         pad_values: Mapping[str, int | float] | None = None,
-        process_index: int = 0,
-        process_count: int = 1,
         max_buckets: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if pad_to_multiple < 1:
             raise ValueError(f"pad_to_multiple must be positive, got {pad_to_multiple}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
-        if batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} is not divisible by "
-                             f"process_count={process_count}")
         if not features:
             raise ValueError("features is empty")
         self.features = features
@@ -175,8 +175,6 @@ class Batcher:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_remainder = drop_remainder
-        self.process_index = process_index
-        self.process_count = process_count
         self._fields = self._check_fields(features)
         self._pad = {**sequence_pad_values(pad_id), **(pad_values or {})}
 
@@ -257,30 +255,12 @@ class Batcher:
         return plan
 
     def make_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Pad the features at ``indices`` into this process's rows of one global batch."""
+        """Pad the features at ``indices`` into one global batch."""
         seq_fields = [k for k, (s, _) in self._fields.items() if s]
         length = int(self._padded[int(indices[0])]) if seq_fields else 0
         rows = np.full(self.batch_size, -1, dtype=np.int64)
         rows[:len(indices)] = indices
-        k = self.batch_size // self.process_count
-        rows = rows[self.process_index * k:(self.process_index + 1) * k]
-        batch: dict[str, np.ndarray] = {}
-        for name, (is_seq, dtype) in self._fields.items():
-            if is_seq:
-                pad = self._pad.get(name, 0)
-                arr = np.full((len(rows), length), pad, dtype=dtype)
-                for r, i in enumerate(rows):
-                    if i >= 0:
-                        v = self.features[i][name]
-                        arr[r, :len(v)] = v
-            else:
-                pad = self._pad.get(name, IGNORE_INDEX if dtype == np.int32 else 0.0)
-                arr = np.full(len(rows), pad, dtype=dtype)
-                for r, i in enumerate(rows):
-                    if i >= 0:
-                        arr[r] = self.features[i][name]
-            batch[name] = arr
-        batch["example_mask"] = rows >= 0
+        batch = pad_batch([self.features[i] if i >= 0 else None for i in rows], self._fields, self._pad, length)
         batch["example_index"] = rows.astype(np.int32)
         return batch
 

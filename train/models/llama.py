@@ -1,4 +1,4 @@
-"""Llama family (``model_type`` ``llama``): ``LlamaForCausalLM`` and the trunk ``LlamaModel``.
+"""Llama family (``model_type`` ``llama``): the trunk ``LlamaModel`` and ``LlamaForCausalLM`` built on it.
 
 RMSNorm, rotary positions (default RoPE), SwiGLU MLP, grouped-query attention, LM head tied
 to the embeddings only when ``tie_word_embeddings`` is true.
@@ -64,8 +64,9 @@ def llama_tensor_maps(model: CausalLM, prefix: str) -> list[M.TensorMap]:
     return maps
 
 
-class LlamaForCausalLM(CausalLM):
-    """Llama causal LM."""
+class LlamaModel(CausalLM):
+    """Llama trunk checkpoints: Hugging Face's ``LlamaModel`` names (no ``model.`` prefix, no
+    ``lm_head`` tensor)."""
 
     tied_tensors = ("lm_head.weight",)
 
@@ -73,11 +74,11 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(llama_spec(cfg), rt, config=dict(cfg), rngs=rngs)
 
     def tensor_maps(self) -> list[M.TensorMap]:
-        return llama_tensor_maps(self, "model.")
+        return [m for m in llama_tensor_maps(self, "") if m.name != "lm_head.weight"]
 
 
-class LlamaModel(LlamaForCausalLM):
-    """Llama trunk checkpoints (no ``lm_head`` tensor)."""
+class LlamaForCausalLM(LlamaModel):
+    """Llama causal LM: the trunk's tensors under ``model.``, and ``lm_head`` when untied."""
 
     def tensor_maps(self) -> list[M.TensorMap]:
-        return [m for m in llama_tensor_maps(self, "") if m.name != "lm_head.weight"]
+        return llama_tensor_maps(self, "model.")

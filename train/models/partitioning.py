@@ -15,11 +15,12 @@ Each parameter records its logical axes in its ``out_sharding`` metadata (set on
 ============== =========================================================================
 
 A rules table maps each logical name to a mesh axis (or several, or ``None`` =
-replicated); the training system's table is ``train.sharding.DEFAULT_RULES`` (it reads the
-same ``out_sharding`` metadata). For use without it, :data:`FSDP_TP_RULES` shards weights over ``fsdp`` along ``embed`` and over
-``tensor`` along heads, MLP width and vocabulary (a vocabulary-sharded head).
-:func:`partition_specs` turns a model into a ``PartitionSpec`` tree, dropping a mesh axis
-from a dimension it does not divide.
+replicated); the training system's table is ``train.sharding.DEFAULT_RULES``. For use without
+it, :data:`FSDP_TP_RULES` shards weights over ``fsdp`` along ``embed`` and over ``tensor``
+along heads, MLP width and vocabulary (a vocabulary-sharded head). :func:`partition_specs`
+turns a model into a ``PartitionSpec`` tree on a mesh through
+:func:`train.sharding.logical_to_spec`, the one mapping from logical to mesh axes: a mesh
+axis is dropped from a dimension it does not divide, and axes of size 1 change nothing.
 
 Example:
   >>> import jax
@@ -29,7 +30,8 @@ Example:
   ...                                bos_token_id=1, eos_token_id=2))
   >>> logical_axes(model)["layers"][0]["attention"]["query"]["kernel"]
   ('embed', 'heads')
-  >>> partition_specs(model, FSDP_TP_RULES)["embed"]["embedding"]
+  >>> mesh = jax.make_mesh((2, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  >>> partition_specs(model, FSDP_TP_RULES, mesh)["embed"]["embedding"]
   P('tensor', 'fsdp')
 """
 
@@ -39,9 +41,9 @@ from typing import Any, Mapping, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-from train.sharding import DEFAULT_RULES
+from train.sharding import DEFAULT_RULES, MeshAxes, state_shardings
 
 VOCAB = "vocab"
 EMBED = "embed"
@@ -53,7 +55,6 @@ POSITIONS = "positions"
 LABELS = "labels"
 LOGICAL_AXES: tuple[str, ...] = (VOCAB, EMBED, HEADS, KV_HEADS, MLP_AXIS, NORM, POSITIONS, LABELS)
 
-MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
 #: FSDP over ``fsdp`` on the model width, tensor parallelism over ``tensor`` on heads / MLP /
@@ -71,51 +72,10 @@ def logical_axes(model: nnx.Module) -> Any:
     return _nested({path: tuple(v.get_metadata().get("out_sharding") or ()) for path, v in nnx.to_flat_state(params)})
 
 
-def _mesh_axes(name: str | None, rules: Mapping[str, MeshAxes]) -> tuple[str, ...]:
-    if name is None:
-        return ()
-    if name not in rules:
-        raise KeyError(f"logical axis {name!r} has no rule; rules cover {sorted(rules)}")
-    axes = rules[name]
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
-def spec_for(shape: Sequence[int], names: Sequence[str | None], rules: Rules,
-             mesh_shape: Mapping[str, int] | None = None) -> PartitionSpec:
-    """``PartitionSpec`` of one array: each dimension's logical name mapped through ``rules``.
-
-    A mesh axis is used at most once per array (first dimension wins) and, when
-    ``mesh_shape`` is given, only where it divides the dimension.
-    """
-    table = dict(rules)
-    used: set[str] = set()
-    out: list[MeshAxes] = []
-    for dim, name in zip(shape, names):
-        chosen: list[str] = []
-        size = 1
-        for axis in _mesh_axes(name, table):
-            n = 1 if mesh_shape is None else mesh_shape.get(axis, 1)
-            if axis in used or (mesh_shape is not None and dim % (size * n)):
-                continue
-            chosen.append(axis)
-            size *= n
-        used.update(chosen)
-        out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
-    return PartitionSpec(*out)
-
-
-def partition_specs(model: nnx.Module, rules: Rules, mesh: Mesh | None = None) -> Any:
+def partition_specs(model: nnx.Module, rules: Rules, mesh: Mesh) -> Any:
     """A pure-dict tree (same paths as ``nnx.state(model, nnx.Param)``) of ``PartitionSpec``."""
-    mesh_shape = dict(mesh.shape) if mesh is not None else None
-    params = nnx.state(model, nnx.Param)
-
-    def one(v: nnx.Variable) -> PartitionSpec:
-        names = tuple(v.get_metadata().get("out_sharding") or (None,) * v[...].ndim)
-        return spec_for(v[...].shape, names, rules, mesh_shape)
-
-    return _nested({path: one(v) for path, v in nnx.to_flat_state(params)})
+    return jax.tree.map(lambda s: s.spec, named_shardings(model, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def _nested(flat: Mapping[tuple, Any]) -> dict:
@@ -129,6 +89,6 @@ def _nested(flat: Mapping[tuple, Any]) -> dict:
 
 
 def named_shardings(model: nnx.Module, mesh: Mesh, rules: Rules) -> Any:
-    """``NamedSharding`` for every parameter of ``model`` on ``mesh`` (pure-dict tree)."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), partition_specs(model, rules, mesh),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    """``NamedSharding`` for every parameter of ``model`` on ``mesh`` (pure-dict tree), by
+    :func:`train.sharding.state_shardings`."""
+    return nnx.to_pure_dict(state_shardings(nnx.state(model, nnx.Param), mesh, rules))
