@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxloss
 from train import distributed, evaluation, sharding
-from train.budget import Budget, Clock
+from train.budget import Budget, Clock, learning_rates
 from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
 from train.compilation import CompiledSteps, CompileStats, compile_all, enable_compile_cache
 from train.config import TaskSpec, TrainConfig
@@ -45,7 +45,7 @@ from train.modeling import (
     save_lora_model,
 )
 from train.models.lora import add_lora, trainable_paths_filter
-from train.optim import learning_rate_at, make_optimizer
+from train.optim import make_optimizer
 from train.plots import plot_run
 from train.prefetch import Item, Prefetcher
 from train.progress import Progress
@@ -319,7 +319,6 @@ def run(config: TrainConfig) -> RunResult:
     steps_per_epoch = max(len(d.train.epoch_plan(0)) for d in data.values())
     budget = Budget(max_steps=config.max_steps, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
                     max_minutes=config.max_minutes, eval_every=config.eval_every, clock=clock, start=started)
-    total_steps = budget.total_steps
     optimizer = make_optimizer(weight_decay=config.weight_decay, clip_norm=config.clip_norm)
     composite = composite_loss(config, tasks)
 
@@ -375,7 +374,7 @@ def run(config: TrainConfig) -> RunResult:
     eval_steps = {t.name: CompiledSteps(jax.jit(make_eval_step(eval_graphdef, t), out_shardings=replicated), f"{t.name} eval")
                   for t in tasks}
     key = jax.random.key(config.seed)
-    rates = lambda s, h: _learning_rates(config, s, h, split=new_parameters is not None)  # noqa: E731
+    rates = lambda s, h: learning_rates(config, s, h, split=new_parameters is not None)  # noqa: E731
     step_args = lambda s, h: (jnp.asarray(s, jnp.int32), jnp.asarray(rates(s, h), jnp.float32))  # noqa: E731
     pending = []  # traced and lowered one by one, then compiled in parallel
     for batches in _shape_examples(config, data, mesh):
@@ -428,7 +427,6 @@ def run(config: TrainConfig) -> RunResult:
     nonfinite_run = 0
     evals_without_improvement = 0
     tokens_in_window = 0
-    stop_reason = f"reached {budget.step_limit}"
     if config.eval_on_start and step == 0:
         eval_start = clock.now()
         start_metrics = evaluate()
@@ -437,9 +435,7 @@ def run(config: TrainConfig) -> RunResult:
             recorder.write({"step": 0, "epoch": 0.0, **start_metrics})
             logger.info("step 0 (before training): %s", _format(start_metrics))
     if budget.paced:
-        logger.info("the %g-minute budget: %.0f s used by setup and compiling; one evaluation takes about %.1f s, "
-                    "%d planned before the final one", config.max_minutes, clock.now() - started,
-                    budget.eval_seconds or 0.0, budget.evals_left())
+        logger.info("%s", budget.describe_plan())
     positions = {n: d.train.state() for n, d in data.items()}  # after the last step run (what a save records)
 
     def make_item(for_step: int) -> Item:  # in the data thread
@@ -483,8 +479,7 @@ def run(config: TrainConfig) -> RunResult:
             # several processes settle what to do (evaluate, stop, the horizon) together, at log steps
             agree_now = single or step % config.log_every == 0 or step == horizon
             if agree_now and budget.should_refit(step):
-                # the slowest process's horizon, so that every process takes the same schedule
-                horizon = budget.agree(int(-distributed.all_reduce_max(-float(budget.horizon(step)))))
+                horizon = budget.refit(step, _slowest_horizon)
             evaluate_now, signalled, out_of_time = distributed.any_of(
                 [budget.should_evaluate(step), preemption.requested, step < horizon and budget.out_of_time()]
             ) if agree_now else (False, False, False)
@@ -536,11 +531,10 @@ def run(config: TrainConfig) -> RunResult:
                 stop_reason = STOPPED_BY_SIGNAL
                 break
             if out_of_time:
-                stop_reason = f"the {config.max_minutes}-minute budget ran out"
+                stop_reason = budget.out_of_time_reason()
                 break
         else:
-            if budget.paced and horizon < total_steps:
-                stop_reason = f"the {config.max_minutes}-minute budget (the horizon its pace allowed)"
+            stop_reason = budget.horizon_reason()
     if pending:  # a loop left by a break before its steps' metrics were fetched
         window += _fetch(pending)
     progress.close()
@@ -588,18 +582,9 @@ def run(config: TrainConfig) -> RunResult:
     return RunResult(final, summary)
 
 
-def _learning_rates(config: TrainConfig, step: int, horizon: int, *, split: bool) -> float | list[float]:
-    """The step's learning rate, or with ``split`` the pair ``[pre-trained weights, new heads]``:
-    the heads follow the schedule from step 0 at ``--head-learning-rate``; the pre-trained
-    weights wait ``--frozen-steps`` steps and then follow it over the rest of the horizon."""
-    if not split:
-        return learning_rate_at(step, horizon, config.learning_rate, config.warmup_steps, config.schedule)
-    frozen = min(config.frozen_steps, max(0, horizon - 1))
-    pretrained = 0.0 if step < frozen else learning_rate_at(step - frozen, horizon - frozen, config.learning_rate,
-                                                             config.warmup_steps, config.schedule)
-    head = learning_rate_at(step, horizon, config.head_learning_rate or config.learning_rate, config.warmup_steps,
-                            config.schedule)
-    return [pretrained, head]
+def _slowest_horizon(horizon: int) -> int:
+    """The smallest of the processes' horizons (the slowest process's)."""
+    return int(-distributed.all_reduce_max(-float(horizon)))
 
 
 def _path_tuple(path: Sequence[Any]) -> tuple[Any, ...]:
