@@ -19,6 +19,9 @@ final evaluation and save. The run therefore plans:
   would take more than ``eval_fraction`` (25%) of the budget at the measured evaluation time;
   one that would push the evaluations past that share is skipped.
 
+The learning rate follows the schedule over the horizon (:func:`learning_rates`): a run on a
+wall-clock budget decays to the step it will end at, wherever that turns out to be.
+
 The clock is :class:`Clock`, which tests replace to drive a budget without depending on the
 machine's speed.
 
@@ -42,6 +45,12 @@ from __future__ import annotations
 import collections
 import math
 import time
+from typing import TYPE_CHECKING, Callable
+
+from train.optim import learning_rate_at
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 PACE_WINDOW = 20  # steps in the pace's moving mean
 REFIT_EVERY = 10  # steps between refits of the horizon
@@ -82,6 +91,7 @@ class Budget:
             self.step_limit = f"--epochs {epochs:g} ({epochs_steps} steps of {steps_per_epoch} per epoch)"
         else:
             self.step_limit = f"one epoch ({steps_per_epoch} steps)"
+        self.max_minutes = max_minutes
         self.seconds = 60.0 * max_minutes if max_minutes else None
         self.deadline = self.start + self.seconds if self.seconds else None
         self.eval_every = eval_every
@@ -146,6 +156,17 @@ class Budget:
         self._horizon = max(step + 1, min(self.total_steps, step + int(max(0.0, train_seconds) / pace)))
         return self._horizon
 
+    @property
+    def planned_horizon(self) -> int:
+        """The step the run now plans to end at: the step budget, or the horizon last fitted
+        (:meth:`horizon`) or agreed (:meth:`agree`)."""
+        return self._horizon
+
+    def refit(self, step: int, agree: Callable[[int], int] = int) -> int:
+        """Refits the horizon after ``step`` and takes the one ``agree`` makes of it (several
+        processes: the slowest one's, so that every process takes the same schedule); returns it."""
+        return self.agree(agree(self.horizon(step)))
+
     def agree(self, horizon: int) -> int:
         """Takes ``horizon`` (the one all processes agreed on) as the plan; returns it."""
         self._horizon = horizon
@@ -179,6 +200,37 @@ class Budget:
         left = self.seconds_left()
         return left is not None and left <= self.reserve()
 
+    def describe_plan(self) -> str:
+        """The wall-clock plan as it stands after compiling (a log line)."""
+        return (f"the {self.max_minutes:g}-minute budget: {self.clock.now() - self.start:.0f} s used by setup and "
+                f"compiling; one evaluation takes about {self.eval_seconds or 0.0:.1f} s, {self.evals_left()} planned "
+                "before the final one")
+
+    def out_of_time_reason(self) -> str:
+        """Why a run that :meth:`out_of_time` stopped stopped (``summary.json``'s ``stop_reason``)."""
+        return f"the {self.max_minutes}-minute budget ran out"
+
+    def horizon_reason(self) -> str:
+        """Why a run that reached its horizon stopped: the step limit, or the pace of the clock."""
+        if self.paced and self._horizon < self.total_steps:
+            return f"the {self.max_minutes}-minute budget (the horizon its pace allowed)"
+        return f"reached {self.step_limit}"
+
     def minutes_left(self) -> float | None:
         left = self.seconds_left()
         return None if left is None else max(0.0, left / 60)
+
+
+def learning_rates(config: TrainConfig, step: int, horizon: int, *, split: bool) -> float | list[float]:
+    """The learning rate of ``step`` on the schedule that ends at ``horizon``, or with ``split``
+    the pair ``[pre-trained weights, new heads]``: the heads follow the schedule from step 0 at
+    ``--head-learning-rate``; the pre-trained weights wait ``--frozen-steps`` steps and then
+    follow it over the rest of the horizon."""
+    if not split:
+        return learning_rate_at(step, horizon, config.learning_rate, config.warmup_steps, config.schedule)
+    frozen = min(config.frozen_steps, max(0, horizon - 1))
+    pretrained = 0.0 if step < frozen else learning_rate_at(step - frozen, horizon - frozen, config.learning_rate,
+                                                             config.warmup_steps, config.schedule)
+    head = learning_rate_at(step, horizon, config.head_learning_rate or config.learning_rate, config.warmup_steps,
+                            config.schedule)
+    return [pretrained, head]

@@ -5,16 +5,22 @@ from the newest complete checkpoint in ``OUTPUT_DIR/checkpoints``, saves on SIGT
 skips steps whose loss or gradient is not finite, and stops at ``--max-steps``, after
 ``--epochs``, when ``--max-minutes`` runs out or when ``--early-stopping`` evaluations pass
 without improvement, always with a final evaluation, checkpoint and model.
+
+``run`` reads top to bottom: the set-up functions build the fixed :class:`Trainer` (data,
+model parts, compiled steps, checkpoints, recorder) and the :class:`~train.state.TrainState`
+to start from; :func:`_train` advances the state step by step, evaluating, saving and
+deciding to stop with functions that take what they use; :func:`_finish` evaluates, saves
+and reports.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import logging
-import math
 import signal
 import time
 from pathlib import Path
@@ -29,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxloss
 from train import distributed, evaluation, sharding
-from train.budget import Budget, Clock
+from train.budget import Budget, Clock, learning_rates
 from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
 from train.compilation import CompiledSteps, CompileStats, ExecutableCache, compile_all, enable_compile_cache
 from train.config import TaskSpec, TrainConfig
@@ -45,11 +51,12 @@ from train.modeling import (
     save_lora_model,
 )
 from train.models.lora import add_lora, trainable_paths_filter
-from train.optim import learning_rate_at, make_optimizer
+from train.optim import make_optimizer
 from train.plots import plot_run
 from train.prefetch import Item, Prefetcher
 from train.progress import Progress
 from train.recorder import MetricsRecorder
+from train.state import Best, TrainState
 from train.step import make_eval_step, make_train_step
 from train.timing import Timings
 from train.utilisation import peak_tflops, utilisation
@@ -273,13 +280,84 @@ class RunResult(dict):
 
 
 def run(config: TrainConfig) -> RunResult:
-    """Trains as ``config`` says; returns the final evaluation metrics and the run's summary."""
+    """Trains as ``config`` says; returns the final evaluation metrics and the run's summary.
+
+    Sets up the processes, the data, the model and its state (from the newest checkpoint when
+    there is one), compiles every step before the first, trains (:func:`_train`), then
+    evaluates, saves and reports (:func:`_finish`).
+    """
     clock = Clock()
     started = clock.now()
     timings = Timings(clock, started)
     _setup_logging()
     cache_folder = enable_compile_cache(config.compile_cache)
     compile_stats = CompileStats.start()
+    out_dir, mesh, divisor = _start_processes(config)
+    tasks, tokenizer, data, model_dir = _prepare_data(config, out_dir, divisor)
+    budget = _make_budget(config, data, clock, started)
+    model, arrays = _build_model(config, tasks, tokenizer, mesh, model_dir)
+    checkpoints = _checkpoint_manager(config, out_dir, tasks)
+    state = _restore(checkpoints, arrays, data, jax.random.key(config.seed))
+    best = Best(checkpoints.best_metric, checkpoints.best_mode == "max", *checkpoints.best())
+    timings.since("setup", started)
+
+    compile_start = clock.now()
+    programs = executable_cache(cache_folder, config, tasks, model.graphdef, model.eval_graphdef, model.new_parameters,
+                                (len(tokenizer), tokenizer.all_special_ids))
+    train_step, eval_steps = _compile_steps(config, tasks, model, state, data, mesh, budget.planned_horizon, programs)
+    compile_seconds = timings.since("compile", compile_start)
+    eval_estimate = _time_evaluation(data, eval_steps, state.params, model.rest, mesh, timings)
+    _log_compilation(train_step, eval_steps, compile_seconds, compile_stats, cache_folder, timings)
+    if eval_estimate is not None:
+        budget.set_eval_seconds(eval_estimate)
+
+    recorder = MetricsRecorder(out_dir, enabled=jax.process_index() == 0, resume_step=state.saved_step)
+    trainer = Trainer(config, out_dir, mesh, clock, timings, tasks, tokenizer, data, model_dir, model, budget, checkpoints,
+                      train_step, eval_steps, flops_of=_flops_per_device(train_step),
+                      peak=peak_tflops(jax.devices()[0].device_kind, config.peak_tflops), recorder=recorder)
+    recorder.write(_run_record(state.step, mesh))
+    progress = Progress(budget, budget.planned_horizon, state.step, enabled=config.progress and jax.process_index() == 0)
+    if config.eval_on_start and state.step == 0:
+        _evaluate_on_start(trainer, state)
+    if budget.paced:
+        logger.info("%s", budget.describe_plan())
+    stop_reason, stop_signal = _train(trainer, state, best, progress)
+    return _finish(trainer, state, best, stop_reason, stop_signal)
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """The model as the jitted steps take it, and what trains it.
+
+    Attributes:
+      graphdef, eval_graphdef: the model's structure in training and in evaluation mode.
+      rest: its state that is not trained (with LoRA, the frozen pre-trained weights too).
+      lora: the LoRA settings (None: every parameter trains).
+      new_parameters: which parameters are new (heads on a loaded checkpoint), a tree of
+        booleans like the parameters; None: a model trained from scratch, one learning rate.
+      optimizer, composite: the optimizer and the composite loss over the tasks' terms.
+      shardings: those of ``(params, log_vars, opt_state)``, which every step keeps.
+      trainable_count, total_count: the trained parameters and all of them.
+    """
+
+    graphdef: Any
+    eval_graphdef: Any
+    rest: Any
+    lora: Any
+    new_parameters: Any
+    optimizer: Any
+    composite: jaxloss.CompositeLoss
+    shardings: tuple[Any, Any, Any]
+    trainable_count: int
+    total_count: int
+
+
+def _start_processes(config: TrainConfig) -> tuple[Path, Any, int]:
+    """Joins the run's processes; returns the checked output folder, the device mesh and its
+    number of batch shards, which must divide the micro-batch."""
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
     out_dir = preflight(config.output_dir)
     mesh = sharding.make_mesh(config.mesh)
@@ -291,6 +369,13 @@ def run(config: TrainConfig) -> RunResult:
             f"micro-batch size {config.batch_size // config.grad_accum} (--batch-size / --grad-accum) is not divisible by "
             f"the {divisor} batch shards of mesh {dict(mesh.shape)}"
         )
+    return out_dir, mesh, divisor
+
+
+def _prepare_data(config: TrainConfig, out_dir: Path, divisor: int) -> tuple[list[Task], Any, dict[str, TaskData], Path | None]:
+    """The tasks (their labels fitted on the training data, or those of the run being resumed),
+    the tokenizer, each task's batches and the checkpoint folder to start from (None: a new
+    model); writes ``tasks.json`` and ``config.yaml``."""
     tasks = build_tasks(config)
     model_dir, tokenizer_dir = checkpoint_folders(config)
     if model_dir is not None:
@@ -308,14 +393,24 @@ def run(config: TrainConfig) -> RunResult:
     data = _make_batchers(config, tasks, tokenizer, divisor, records)
     (out_dir / "tasks.json").write_text(json.dumps({t.name: t.state() for t in tasks}, indent=2))
     config.save(out_dir / "config.yaml")
+    return tasks, tokenizer, data, model_dir
 
+
+def _make_budget(config: TrainConfig, data: Mapping[str, TaskData], clock: Clock, started: float) -> Budget:
+    """The run's budget: ``--max-steps``, ``--epochs`` of the task with the most batches, and
+    ``--max-minutes`` counted from ``started``."""
     steps_per_epoch = max(len(d.train.epoch_plan(0)) for d in data.values())
-    budget = Budget(max_steps=config.max_steps, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-                    max_minutes=config.max_minutes, eval_every=config.eval_every, clock=clock, start=started)
-    total_steps = budget.total_steps
+    return Budget(max_steps=config.max_steps, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                  max_minutes=config.max_minutes, eval_every=config.eval_every, clock=clock, start=started)
+
+
+def _build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh: Any,
+                 model_dir: Path | None) -> tuple[ModelParts, tuple[Any, Any, Any]]:
+    """The model (loaded from ``model_dir`` or new, with LoRA adapters where asked) split into
+    what trains and what does not and laid out on ``mesh``, and the initial ``(params,
+    log_vars, opt_state)``."""
     optimizer = make_optimizer(weight_decay=config.weight_decay, clip_norm=config.clip_norm)
     composite = composite_loss(config, tasks)
-
     model, new_paths = build_model(config, tasks, tokenizer, mesh, model_dir=model_dir)
     lora = lora_config_for(config, model, new_paths or set())
     trainable = nnx.Param  # with LoRA: the adapters and the new heads; the rest is frozen in `rest`
@@ -337,253 +432,375 @@ def run(config: TrainConfig) -> RunResult:
     total_count = trainable_count + sum(x.size for x in jax.tree.leaves(nnx.state(rest, nnx.Param)))
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable_count, total_count,
                 100.0 * trainable_count / max(total_count, 1))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    log_vars = jax.device_put(composite.init(), replicated)
-    state_shardings = _state_shardings(optimizer, params, log_vars, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=state_shardings[2])((params, log_vars))
+    log_vars = jax.device_put(composite.init(), NamedSharding(mesh, PartitionSpec()))
+    shardings = _state_shardings(optimizer, params, log_vars, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings[2])((params, log_vars))
+    parts = ModelParts(graphdef, eval_graphdef, rest, lora, new_parameters, optimizer, composite, shardings,
+                       trainable_count, total_count)
+    return parts, (params, log_vars, opt_state)
+
+
+def _checkpoint_manager(config: TrainConfig, out_dir: Path, tasks: Sequence[Task]) -> CheckpointManager:
+    """The run's checkpoints, which keep the best by ``--best-metric`` (default: the first
+    task's main metric) as well as the newest."""
     main = tasks[0]
     best_metric = config.best_metric or f"eval/{main.name}/{main.main_metric}"
     greater = main.greater_is_better if config.best_metric is None else not best_metric.endswith(("loss", "perplexity", "mse", "nll"))
-    checkpoints = CheckpointManager(out_dir / "checkpoints", save_every=config.save_every or 0,
-                                    keep_last=config.keep_checkpoints, best_metric=best_metric,
-                                    best_mode="max" if greater else "min")
-    step = 0
-    restored = checkpoints.restore(target=_abstract((params, log_vars, opt_state)))
+    return CheckpointManager(out_dir / "checkpoints", save_every=config.save_every or 0,
+                             keep_last=config.keep_checkpoints, best_metric=best_metric,
+                             best_mode="max" if greater else "min")
+
+
+def _restore(checkpoints: CheckpointManager, arrays: tuple[Any, Any, Any], data: Mapping[str, TaskData],
+             key: Any) -> TrainState:
+    """The state to start from: the newest complete checkpoint's (the tasks' data positions
+    restored with it), else ``arrays`` at step 0."""
+    step, saved_step = 0, -1
+    restored = checkpoints.restore(target=_abstract(arrays))
     if restored is not None:
-        params, log_vars, opt_state = restored.state
-        step = restored.step
+        arrays, step, saved_step = restored.state, restored.step, restored.step
         for name, position in (restored.data_position or {}).items():
             data[name].train.restore(position)
         logger.info("resumed from %s at step %d", restored.path, step)
-    best_step, best_value = checkpoints.best()
-    horizon = budget.horizon(step)
-    timings.since("setup", started)
+    positions = {n: d.train.state() for n, d in data.items()}
+    return TrainState(*arrays, step=step, positions=positions, key=key, saved_step=saved_step)
 
-    # every batch shape is compiled before the first step; the step returns the state laid
-    # out as it came in (donation reuses the buffers)
-    compile_start = clock.now()
-    programs = executable_cache(cache_folder, config, tasks, graphdef, eval_graphdef, new_parameters,
-                                (len(tokenizer), tokenizer.all_special_ids))
-    train_step = CompiledSteps(jax.jit(make_train_step(graphdef, tasks, composite, optimizer, config.grad_accum,
-                                                       new_parameters),
-                                       donate_argnums=(0, 1, 2), out_shardings=(*state_shardings, replicated)), "train step",
+
+def _compile_steps(config: TrainConfig, tasks: Sequence[Task], model: ModelParts, state: TrainState,
+                   data: Mapping[str, TaskData], mesh: Any, horizon: int, programs: ExecutableCache | None
+                   ) -> tuple[CompiledSteps, dict[str, CompiledSteps]]:
+    """The train step and each task's evaluation step, compiled for every batch shape before
+    the first step (traced and lowered one by one, then compiled in parallel). The train step
+    returns the state laid out as it came in (donation reuses the buffers)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    train_step = CompiledSteps(jax.jit(make_train_step(model.graphdef, tasks, model.composite, model.optimizer,
+                                                       config.grad_accum, model.new_parameters),
+                                       donate_argnums=(0, 1, 2), out_shardings=(*model.shardings, replicated)), "train step",
                                programs)
-    eval_steps = {t.name: CompiledSteps(jax.jit(make_eval_step(eval_graphdef, t), out_shardings=replicated), f"{t.name} eval",
-                                        programs)
-                  for t in tasks}
-    key = jax.random.key(config.seed)
-    rates = lambda s, h: _learning_rates(config, s, h, split=new_parameters is not None)  # noqa: E731
-    step_args = lambda s, h: (jnp.asarray(s, jnp.int32), jnp.asarray(rates(s, h), jnp.float32))  # noqa: E731
-    pending = []  # traced and lowered one by one, then compiled in parallel
+    eval_steps = {t.name: CompiledSteps(jax.jit(make_eval_step(model.eval_graphdef, t), out_shardings=replicated),
+                                        f"{t.name} eval", programs) for t in tasks}
+    pending = []
     for batches in _shape_examples(config, data, mesh):
-        pending += train_step.lower(_batch_signature(batches), params, log_vars, opt_state, rest, *step_args(0, horizon),
-                                    batches, key)
+        pending += train_step.lower(_batch_signature(batches), *state.arrays, model.rest,
+                                    *_step_args(config, model, 0, horizon), batches, state.key)
     for name, d in data.items():
         for b in _distinct_shapes(d.eval_batches):
-            pending += eval_steps[name].lower(_batch_signature({name: b}), params, rest, _replicated_batch(b, mesh))
+            pending += eval_steps[name].lower(_batch_signature({name: b}), state.params, model.rest, _replicated_batch(b, mesh))
     compile_all(pending)
-    compile_seconds = timings.since("compile", compile_start)
-    flops_of = {key: flops / jax.device_count() for key, flops in train_step.flops.items()}  # one device's share
-    peak = peak_tflops(jax.devices()[0].device_kind, config.peak_tflops)
-    estimate_start = clock.now()  # one batch of each evaluation shape, timed: eval time, not an evaluation
-    eval_estimate = _estimate_eval_seconds(data, eval_steps, params, rest, mesh, clock)
+    return train_step, eval_steps
+
+
+def _step_args(config: TrainConfig, model: ModelParts, step: int, horizon: int) -> tuple[jax.Array, jax.Array]:
+    """The train step's step number and learning rate (with new heads: those of the pre-trained
+    weights and of the heads) on the schedule that ends at ``horizon``."""
+    rates = learning_rates(config, step, horizon, split=model.new_parameters is not None)
+    return jnp.asarray(step, jnp.int32), jnp.asarray(rates, jnp.float32)
+
+
+def _time_evaluation(data: Mapping[str, TaskData], eval_steps: Mapping[str, CompiledSteps], params: Any, rest: Any,
+                     mesh: Any, timings: Timings) -> float | None:
+    """The estimated seconds of one full evaluation (:func:`_estimate_eval_seconds`; None: no
+    evaluation data), its own time counted as evaluation time, not as an evaluation."""
+    estimate_start = timings.clock.now()
+    eval_estimate = _estimate_eval_seconds(data, eval_steps, params, rest, mesh, timings.clock)
     timings.extra["eval_estimate_seconds"] = timings.since("eval", estimate_start, count=False)
+    return eval_estimate
+
+
+def _log_compilation(train_step: CompiledSteps, eval_steps: Mapping[str, CompiledSteps], seconds: float,
+                     compile_stats: CompileStats, cache_folder: Path | None, timings: Timings) -> None:
+    """Logs the shapes compiled, their time and the persistent cache's share, kept in ``timing.json`` too."""
     stats = compile_stats.snapshot()
     timings.extra.update(compile_cache=str(cache_folder) if cache_folder else None, **{f"compile_{k}": v for k, v in stats.items()})
     logger.info("compiled %d train and %d eval shapes in %.1f s (%d loaded without tracing, %d programs, "
                 "%d from the persistent cache%s)",
-                len(train_step.executables), sum(len(e.executables) for e in eval_steps.values()), compile_seconds,
+                len(train_step.executables), sum(len(e.executables) for e in eval_steps.values()), seconds,
                 stats["executable_cache_hits"], stats["programs"], stats["cache_hits"],
                 f" {cache_folder}" if cache_folder else ", which is off")
-    if eval_estimate is not None:
-        budget.set_eval_seconds(eval_estimate)
 
-    def evaluate() -> dict[str, float]:
+
+def _flops_per_device(train_step: CompiledSteps) -> dict[tuple, float]:
+    """One device's share of the train step's FLOPs, per batch signature."""
+    return {key: flops / jax.device_count() for key, flops in train_step.flops.items()}
+
+
+def _run_record(step: int, mesh: Any) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line that describes the processes and devices of the run."""
+    return {"step": step, "run/process_count": jax.process_count(), "run/device_count": jax.device_count(),
+            "run/local_device_count": jax.local_device_count(), "run/platform": jax.devices()[0].platform,
+            "run/mesh": dict(mesh.shape)}
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What a run sets up once and every step, evaluation and save uses: the config, the data,
+    the model's parts, the compiled steps and where results go. It never changes; the objects
+    that keep records of their own (the budget's pace, the timings, the checkpoints and the
+    metrics file) change only themselves."""
+
+    config: TrainConfig
+    out_dir: Path
+    mesh: Any
+    clock: Clock
+    timings: Timings
+    tasks: list[Task]
+    tokenizer: Any
+    data: dict[str, TaskData]
+    model_dir: Path | None  # the checkpoint the model was loaded from (None: a new model)
+    model: ModelParts
+    budget: Budget
+    checkpoints: CheckpointManager
+    train_step: CompiledSteps
+    eval_steps: dict[str, CompiledSteps]
+    flops_of: dict[tuple, float]  # batch signature -> one device's FLOPs of the train step
+    peak: float | None  # one device's peak TFLOP/s (None: unknown)
+    recorder: MetricsRecorder
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        """Every task's evaluation metrics (``eval/TASK/METRIC``) with the parameters of ``state``."""
         results = {}
-        for name, d in data.items():
+        for name, d in self.data.items():
             if d.eval_batches:
-                step_fn = lambda b, n=name: eval_steps[n](_batch_signature({n: b}), params, rest, _replicated_batch(b, mesh))  # noqa: E731
+                step_fn = functools.partial(_eval_batch, self.eval_steps[name], name, state.params, self.model.rest, self.mesh)
                 results.update(evaluation.task_metrics(d.task, step_fn, d.eval_batches))
         return results
 
-    saved_step = step if restored is not None else -1
-
-    def save(data_position: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
-        nonlocal saved_step
-        saved_step = step
-        checkpoints.save(
-            step, (params, log_vars, opt_state),
-            data_position=dict(data_position),
-            config=config.to_dict(), metrics=dict(metrics) if metrics and best_metric in metrics else None, force=True,
+    def save(self, state: TrainState, metrics: Mapping[str, float] | None = None) -> None:
+        """Checkpoints ``state`` with its data positions and, to rank the best checkpoints, the
+        metrics of an evaluation at its step; records it as ``state.saved_step``."""
+        state.saved_step = state.step
+        self.checkpoints.save(
+            state.step, state.arrays,
+            data_position=dict(state.positions), config=self.config.to_dict(),
+            metrics=dict(metrics) if metrics and self.checkpoints.best_metric in metrics else None, force=True,
         )
 
-    recorder = MetricsRecorder(out_dir, enabled=jax.process_index() == 0,
-                               resume_step=restored.step if restored is not None else -1)
-    recorder.write({"step": step, "run/process_count": jax.process_count(), "run/device_count": jax.device_count(),
-                    "run/local_device_count": jax.local_device_count(), "run/platform": jax.devices()[0].platform,
-                    "run/mesh": dict(mesh.shape)})
-    progress = Progress(budget, horizon, step, enabled=config.progress and jax.process_index() == 0)
-    window: list[dict[str, float]] = []
-    nonfinite_run = 0
-    evals_without_improvement = 0
-    tokens_in_window = 0
-    stop_reason = f"reached {budget.step_limit}"
-    if config.eval_on_start and step == 0:
-        eval_start = clock.now()
-        start_metrics = evaluate()
-        budget.set_eval_seconds(timings.since("eval", eval_start))
-        if start_metrics:
-            recorder.write({"step": 0, "epoch": 0.0, **start_metrics})
-            logger.info("step 0 (before training): %s", _format(start_metrics))
-    if budget.paced:
-        logger.info("the %g-minute budget: %.0f s used by setup and compiling; one evaluation takes about %.1f s, "
-                    "%d planned before the final one", config.max_minutes, clock.now() - started,
-                    budget.eval_seconds or 0.0, budget.evals_left())
-    positions = {n: d.train.state() for n, d in data.items()}  # after the last step run (what a save records)
 
-    def make_item(for_step: int) -> Item:  # in the data thread
-        batches, next_positions, tokens = {}, {}, 0
-        for name, d in data.items():
-            host = evaluation.prepare(d.task, next(d.train), np.random.default_rng([config.seed, for_step, len(name)]))
-            tokens += int(np.sum(host.get("attention_mask", host["example_mask"])))
-            batches[name] = _device_batch(host, mesh)
-            next_positions[name] = d.train.state()
-        return Item(for_step, batches, next_positions, tokens)
+def _eval_batch(eval_step: CompiledSteps, name: str, params: Any, rest: Any, mesh: Any,
+                batch: Mapping[str, np.ndarray]) -> Any:
+    """Task ``name``'s evaluation step on a whole batch, held by every device."""
+    return eval_step(_batch_signature({name: batch}), params, rest, _replicated_batch(batch, mesh))
 
-    # The host never waits for a step's results inside the loop: metrics stay on the devices
-    # until a log line (one transfer for the window), and the host runs at most IN_FLIGHT steps
-    # ahead of the devices (waiting for an older step to finish, which transfers nothing), so
-    # its clock tracks the devices' for the budget (tests/test_host_sync.py counts the transfers).
-    in_flight: collections.deque[Any] = collections.deque()
-    pending: list[tuple[int, Any, float, float | None]] = []  # (step, metrics on the devices, seconds, FLOPs)
-    single = jax.process_count() == 1
-    with PreemptionHandler() as preemption, Prefetcher(make_item, step) as prefetcher:
-        while step < horizon:
-            step_start = clock.now()
-            if len(in_flight) >= IN_FLIGHT:  # the devices' time: counted as train below
-                jax.block_until_ready(in_flight.popleft())
-            data_start = clock.now()
-            item = prefetcher.next()
-            data_seconds = timings.since("data", data_start)
-            params, log_vars, opt_state, metrics = train_step(
-                _batch_signature(item.batches), params, log_vars, opt_state, rest, *step_args(step, horizon),
-                item.batches, jax.random.fold_in(key, step)
-            )
-            step += 1
-            positions = item.positions
-            tokens_in_window += item.tokens
-            in_flight.append(metrics["train/loss"])
-            timings.extra.setdefault("first_step_at", time.time())  # wall-clock time, for comparisons across processes
-            step_seconds = clock.now() - step_start
-            timings.add("train", step_seconds - data_seconds)
-            budget.record_step(step_seconds)
-            pending.append((step, metrics, step_seconds, flops_of.get(_batch_signature(item.batches))))
-            progress.step(step, horizon)
-            # several processes settle what to do (evaluate, stop, the horizon) together, at log steps
-            agree_now = single or step % config.log_every == 0 or step == horizon
-            if agree_now and budget.should_refit(step):
-                # the slowest process's horizon, so that every process takes the same schedule
-                horizon = budget.agree(int(-distributed.all_reduce_max(-float(budget.horizon(step)))))
-            evaluate_now, signalled, out_of_time = distributed.any_of(
-                [budget.should_evaluate(step), preemption.requested, step < horizon and budget.out_of_time()]
-            ) if agree_now else (False, False, False)
-            if step % config.log_every == 0 or step == horizon or evaluate_now or signalled or out_of_time:
-                fetched = _fetch(pending)
-                window += fetched
-                nonfinite_limit_hit = False
-                for (at, _, _, _), values in zip(pending, fetched):
-                    nonfinite_run = 0 if values["train/finite"] else nonfinite_run + 1
-                    nonfinite_limit_hit |= nonfinite_run >= NONFINITE_LIMIT
-                    if nonfinite_run:
-                        logger.warning("step %d: loss or gradient not finite; step skipped (%d in a row)", at,
-                                       nonfinite_run)
-                pending = []
-                progress.step(step, horizon, window[-1]["train/loss"])
-                if nonfinite_limit_hit:
-                    stop_reason = (f"{NONFINITE_LIMIT} steps in a row had a non-finite loss or gradient; "
-                                   "the checkpoint holds the last good parameters")
-                    break
-            if step % config.log_every == 0 or step == horizon:
-                record = _train_record(window, step, _epoch(data, positions), tokens_in_window, peak)
-                recorder.write({**record, "train/horizon": horizon})
-                logger.info("step %d: %s", step, _format_utilisation(record))
-                window, tokens_in_window = [], 0
-            if evaluate_now:
-                eval_start = clock.now()
-                last_eval = evaluate()
-                budget.record_eval(timings.since("eval", eval_start))
-                if last_eval:
-                    recorder.write({"step": step, "epoch": _epoch(data, positions), **last_eval})
-                    logger.info("step %d: %s", step, _format(last_eval))
-                    if _improved(last_eval.get(best_metric), best_value, greater):
-                        best_step, best_value = step, last_eval[best_metric]
-                        evals_without_improvement = 0
-                    else:
-                        evals_without_improvement += 1
-                save_start = clock.now()
-                save(positions, metrics=last_eval)
-                budget.record_save(timings.since("save", save_start))
-                if config.early_stopping and evals_without_improvement >= config.early_stopping:
-                    stop_reason = f"no improvement of {best_metric} in {config.early_stopping} evaluations"
-                    break
-            elif checkpoints.should_save(step):
-                save_start = clock.now()
-                save(positions)
-                budget.record_save(timings.since("save", save_start))
-            # every process stops at the same step: signals and the clock were agreed on above
-            if signalled:
-                stop_reason = STOPPED_BY_SIGNAL
-                break
-            if out_of_time:
-                stop_reason = f"the {config.max_minutes}-minute budget ran out"
-                break
-        else:
-            if budget.paced and horizon < total_steps:
-                stop_reason = f"the {config.max_minutes}-minute budget (the horizon its pace allowed)"
-    if pending:  # a loop left by a break before its steps' metrics were fetched
-        window += _fetch(pending)
+
+def _make_item(data: Mapping[str, TaskData], mesh: Any, seed: int, for_step: int) -> Item:
+    """The batches of step ``for_step`` placed on the devices (in the data thread)."""
+    batches, next_positions, tokens = {}, {}, 0
+    for name, d in data.items():
+        host = evaluation.prepare(d.task, next(d.train), np.random.default_rng([seed, for_step, len(name)]))
+        tokens += int(np.sum(host.get("attention_mask", host["example_mask"])))
+        batches[name] = _device_batch(host, mesh)
+        next_positions[name] = d.train.state()
+    return Item(for_step, batches, next_positions, tokens)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class StepMetrics:
+    """The training metrics of the steps since the last log line, and the steps still running.
+
+    The host never waits for a step's results inside the loop: metrics stay on the devices
+    until a log line (one transfer for the window, :func:`_fetch`), and the host runs at most
+    :data:`IN_FLIGHT` steps ahead of the devices (waiting for an older step to finish, which
+    transfers nothing), so its clock tracks the devices' for the budget (tests/test_host_sync.py
+    counts the transfers).
+    """
+
+    in_flight: collections.deque[Any] = dataclasses.field(default_factory=collections.deque)  # losses, on the devices
+    pending: list[tuple[int, Any, float, float | None]] = dataclasses.field(default_factory=list)  # (step, metrics on the devices, seconds, FLOPs)
+    window: list[dict[str, float | None]] = dataclasses.field(default_factory=list)  # fetched, one per step
+    tokens: int = 0  # real tokens in the window's steps
+    nonfinite_run: int = 0  # steps skipped in a row for a non-finite loss or gradient
+
+    def wait_for_room(self) -> None:
+        """Waits for the oldest step while :data:`IN_FLIGHT` are queued on the devices."""
+        if len(self.in_flight) >= IN_FLIGHT:
+            jax.block_until_ready(self.in_flight.popleft())
+
+    def add(self, step: int, metrics: Any, seconds: float, flops: float | None, tokens: int) -> None:
+        """A step dispatched: its metrics (on the devices), its host time, FLOPs and tokens."""
+        self.in_flight.append(metrics["train/loss"])
+        self.pending.append((step, metrics, seconds, flops))
+        self.tokens += tokens
+
+    def fetch(self) -> bool:
+        """Brings the pending steps' metrics to the host in one transfer and warns of each
+        skipped step; returns whether :data:`NONFINITE_LIMIT` steps in a row were skipped."""
+        fetched = _fetch(self.pending)
+        self.window += fetched
+        limit_hit = False
+        for (at, _, _, _), values in zip(self.pending, fetched):
+            self.nonfinite_run = 0 if values["train/finite"] else self.nonfinite_run + 1
+            limit_hit |= self.nonfinite_run >= NONFINITE_LIMIT
+            if self.nonfinite_run:
+                logger.warning("step %d: loss or gradient not finite; step skipped (%d in a row)", at, self.nonfinite_run)
+        self.pending = []
+        return limit_hit
+
+    def fetch_rest(self) -> None:
+        """Brings the metrics of the steps not fetched yet to the host (a loop left by a break)."""
+        if self.pending:
+            self.window += _fetch(self.pending)
+            self.pending = []
+
+    def take_record(self, step: int, epoch: float, peak: float | None, horizon: int) -> dict[str, Any]:
+        """The window's ``metrics.jsonl`` line (:func:`_train_record`, with the horizon); the
+        next window starts empty."""
+        record = {**_train_record(self.window, step, epoch, self.tokens, peak), "train/horizon": horizon}
+        self.window, self.tokens = [], 0
+        return record
+
+
+def _train(trainer: Trainer, state: TrainState, best: Best, progress: Progress) -> tuple[str, int | None]:
+    """Runs steps until the horizon or a reason to stop, evaluating, logging and saving on the
+    way; returns the reason and the number of the signal that stopped the run (None: none)."""
+    budget, metrics = trainer.budget, StepMetrics()
+    make_item = functools.partial(_make_item, trainer.data, trainer.mesh, trainer.config.seed)
+    stop_reason = None
+    with PreemptionHandler() as preemption, Prefetcher(make_item, state.step) as prefetcher:
+        while stop_reason is None and state.step < budget.planned_horizon:
+            _run_step(trainer, state, prefetcher, metrics)
+            progress.step(state.step, budget.planned_horizon)
+            stop_reason = _after_step(trainer, state, best, metrics, progress, preemption)
+        stop_reason = stop_reason or budget.horizon_reason()
+    metrics.fetch_rest()
     progress.close()
+    if metrics.window:  # the steps since the last log line (a run stopped by its budget or a signal)
+        trainer.recorder.write(metrics.take_record(state.step, _epoch(trainer.data, state.positions), trainer.peak,
+                                                   budget.planned_horizon))
+    # the signal this process received; another process's (a multi-host stop): SIGTERM
+    stop_signal = int(preemption.received or signal.SIGTERM) if stop_reason == STOPPED_BY_SIGNAL else None
+    return stop_reason, stop_signal
+
+
+def _run_step(trainer: Trainer, state: TrainState, prefetcher: Prefetcher, metrics: StepMetrics) -> None:
+    """Dispatches the next step on the prefetched batches and advances ``state`` to its results,
+    which the devices compute while the host goes on."""
+    clock, timings = trainer.clock, trainer.timings
+    step_start = clock.now()
+    metrics.wait_for_room()  # the devices' time: counted as train below
+    data_start = clock.now()
+    item = prefetcher.next()
+    data_seconds = timings.since("data", data_start)
+    signature = _batch_signature(item.batches)
+    state.params, state.log_vars, state.opt_state, step_metrics = trainer.train_step(
+        signature, *state.arrays, trainer.model.rest,
+        *_step_args(trainer.config, trainer.model, state.step, trainer.budget.planned_horizon),
+        item.batches, jax.random.fold_in(state.key, state.step)
+    )
+    state.step += 1
+    state.positions = item.positions
+    timings.extra.setdefault("first_step_at", time.time())  # wall-clock time, for comparisons across processes
+    step_seconds = clock.now() - step_start
+    timings.add("train", step_seconds - data_seconds)
+    trainer.budget.record_step(step_seconds)
+    metrics.add(state.step, step_metrics, step_seconds, trainer.flops_of.get(signature), item.tokens)
+
+
+def _after_step(trainer: Trainer, state: TrainState, best: Best, metrics: StepMetrics, progress: Progress,
+                preemption: PreemptionHandler) -> str | None:
+    """What follows a step: the horizon refitted, the metrics fetched and logged, an evaluation
+    or a save; returns the reason to stop after it, if any."""
+    config, budget, step = trainer.config, trainer.budget, state.step
+    # several processes settle what to do (evaluate, stop, the horizon) together, at log steps
+    agree_now = jax.process_count() == 1 or step % config.log_every == 0 or step == budget.planned_horizon
+    if agree_now and budget.should_refit(step):
+        budget.refit(step, _slowest_horizon)
+    evaluate_now, signalled, out_of_time = distributed.any_of(
+        [budget.should_evaluate(step), preemption.requested, step < budget.planned_horizon and budget.out_of_time()]
+    ) if agree_now else (False, False, False)
+    log_now = step % config.log_every == 0 or step == budget.planned_horizon
+    if log_now or evaluate_now or signalled or out_of_time:
+        limit_hit = metrics.fetch()
+        progress.step(step, budget.planned_horizon, metrics.window[-1]["train/loss"])
+        if limit_hit:
+            return (f"{NONFINITE_LIMIT} steps in a row had a non-finite loss or gradient; "
+                    "the checkpoint holds the last good parameters")
+    if log_now:
+        record = metrics.take_record(step, _epoch(trainer.data, state.positions), trainer.peak, budget.planned_horizon)
+        trainer.recorder.write(record)
+        logger.info("step %d: %s", step, _format_utilisation(record))
+    if evaluate_now:
+        _evaluate_and_save(trainer, state, best)
+        if config.early_stopping and best.evals_without_improvement >= config.early_stopping:
+            return f"no improvement of {best.metric} in {config.early_stopping} evaluations"
+    elif trainer.checkpoints.should_save(step):
+        _timed_save(trainer, state)
+    # every process stops at the same step: signals and the clock were agreed on above
+    if signalled:
+        return STOPPED_BY_SIGNAL
+    if out_of_time:
+        return budget.out_of_time_reason()
+    return None
+
+
+def _evaluate_on_start(trainer: Trainer, state: TrainState) -> None:
+    """``--eval-on-start``: an evaluation before the first step, which measures one for the budget."""
+    eval_start = trainer.clock.now()
+    metrics = trainer.evaluate(state)
+    trainer.budget.set_eval_seconds(trainer.timings.since("eval", eval_start))
+    if metrics:
+        trainer.recorder.write({"step": 0, "epoch": 0.0, **metrics})
+        logger.info("step 0 (before training): %s", _format(metrics))
+
+
+def _evaluate_and_save(trainer: Trainer, state: TrainState, best: Best) -> None:
+    """An intermediate evaluation (recorded, logged and ranked in ``best``), then a save."""
+    eval_start = trainer.clock.now()
+    metrics = trainer.evaluate(state)
+    trainer.budget.record_eval(trainer.timings.since("eval", eval_start))
+    if metrics:
+        trainer.recorder.write({"step": state.step, "epoch": _epoch(trainer.data, state.positions), **metrics})
+        logger.info("step %d: %s", state.step, _format(metrics))
+        best.record(state.step, metrics)
+    _timed_save(trainer, state, metrics)
+
+
+def _timed_save(trainer: Trainer, state: TrainState, metrics: Mapping[str, float] | None = None) -> None:
+    """A save during training, its time counted for the budget's reserve."""
+    save_start = trainer.clock.now()
+    trainer.save(state, metrics)
+    trainer.budget.record_save(trainer.timings.since("save", save_start))
+
+
+# ---------------------------------------------------------------------------- the end
+
+
+def _finish(trainer: Trainer, state: TrainState, best: Best, stop_reason: str, stop_signal: int | None) -> RunResult:
+    """The final evaluation and save, the model (the best checkpoint's parameters where an
+    earlier evaluation was better), ``summary.json`` and ``timing.json``."""
+    clock, checkpoints = trainer.clock, trainer.checkpoints
     final_start = clock.now()
-    if window:  # the steps since the last log line (a run stopped by its budget or a signal)
-        recorder.write({**_train_record(window, step, _epoch(data, positions), tokens_in_window, peak),
-                        "train/horizon": horizon})
-    final = evaluate()
-    timings.extra["final_eval_seconds"] = clock.now() - final_start
+    final = trainer.evaluate(state)
+    trainer.timings.extra["final_eval_seconds"] = clock.now() - final_start
     if final:
-        recorder.write({"step": step, "epoch": _epoch(data, positions), **final})
-        if _improved(final.get(best_metric), best_value, greater) or best_step is None:
-            best_step, best_value = step, final.get(best_metric)
-    if saved_step != step:
-        save(positions, metrics=final)
+        trainer.recorder.write({"step": state.step, "epoch": _epoch(trainer.data, state.positions), **final})
+        best.record_final(state.step, final)
+    if state.saved_step != state.step:
+        trainer.save(state, metrics=final)
     checkpoints.wait()
-    model_params = params
-    if best_step is not None and best_step != step and best_step in checkpoints.steps():
-        model_params = checkpoints.restore(target=_abstract((params, log_vars, opt_state)), step=best_step).state[0]
-        logger.info("model/ holds step %d, the best by %s (%.4f; step %d: %.4f)", best_step, best_metric, best_value,
-                    step, final.get(best_metric, float("nan")))
+    model_params, model_step = _model_parameters(trainer, state, best, final)
     checkpoints.close()
-    summary = {"final_step": step, "trainable_parameters": trainable_count, "parameters": total_count,
-               "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(opt_state)),
-               "train_step_memory_bytes": train_step.peak_memory_bytes(), "model_step": best_step if model_params is not params else step,
-               "best_metric": best_metric, "best_value": best_value, "stop_reason": stop_reason,
-               "horizon": horizon, "final": final,
-               # the signal this process received; another process's (a multi-host stop): SIGTERM
-               "stop_signal": int(preemption.received or signal.SIGTERM) if stop_reason == STOPPED_BY_SIGNAL else None}
+    summary = {"final_step": state.step, "trainable_parameters": trainer.model.trainable_count,
+               "parameters": trainer.model.total_count,
+               "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(state.opt_state)),
+               "train_step_memory_bytes": trainer.train_step.peak_memory_bytes(), "model_step": model_step,
+               "best_metric": best.metric, "best_value": best.value, "stop_reason": stop_reason,
+               "horizon": trainer.budget.planned_horizon, "final": final, "stop_signal": stop_signal}
     if jax.process_index() == 0:
-        trained = nnx.merge(eval_graphdef, model_params, rest, copy=True)
-        if lora is not None:
-            save_lora_model(trained, lora, tasks, tokenizer, out_dir / "model", base=str(model_dir),
-                            merged_path=out_dir / "model-merged" if config.merge_lora else None)
-        else:
-            save_final_model(trained, tasks, tokenizer, out_dir / "model")
-        plot_run(out_dir)
-    timings.since("final", final_start)
-    recorder.close()
+        _save_model(trainer, model_params)
+        plot_run(trainer.out_dir)
+    trainer.timings.since("final", final_start)
+    trainer.recorder.close()
     if jax.process_index() == 0:
-        (out_dir / "timing.json").write_text(json.dumps(timings.as_dict(), indent=2) + "\n")
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logger.info(timings.summary())
-        _print_summary(out_dir, summary)
+        (trainer.out_dir / "timing.json").write_text(json.dumps(trainer.timings.as_dict(), indent=2) + "\n")
+        (trainer.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(trainer.timings.summary())
+        _print_summary(trainer.out_dir, summary)
     return RunResult(final, summary)
 
 
@@ -607,18 +824,31 @@ def executable_cache(folder: Path | None, config: TrainConfig, tasks: Sequence[T
     return ExecutableCache(folder / "executables", parts)
 
 
-def _learning_rates(config: TrainConfig, step: int, horizon: int, *, split: bool) -> float | list[float]:
-    """The step's learning rate, or with ``split`` the pair ``[pre-trained weights, new heads]``:
-    the heads follow the schedule from step 0 at ``--head-learning-rate``; the pre-trained
-    weights wait ``--frozen-steps`` steps and then follow it over the rest of the horizon."""
-    if not split:
-        return learning_rate_at(step, horizon, config.learning_rate, config.warmup_steps, config.schedule)
-    frozen = min(config.frozen_steps, max(0, horizon - 1))
-    pretrained = 0.0 if step < frozen else learning_rate_at(step - frozen, horizon - frozen, config.learning_rate,
-                                                             config.warmup_steps, config.schedule)
-    head = learning_rate_at(step, horizon, config.head_learning_rate or config.learning_rate, config.warmup_steps,
-                            config.schedule)
-    return [pretrained, head]
+def _model_parameters(trainer: Trainer, state: TrainState, best: Best, final: Mapping[str, float]) -> tuple[Any, int]:
+    """The parameters ``model/`` gets and their step: the best checkpoint's where an evaluation
+    before the last step was better (and its checkpoint is kept), else the last step's."""
+    if best.step is not None and best.step != state.step and best.step in trainer.checkpoints.steps():
+        params = trainer.checkpoints.restore(target=_abstract(state.arrays), step=best.step).state[0]
+        logger.info("model/ holds step %d, the best by %s (%.4f; step %d: %.4f)", best.step, best.metric, best.value,
+                    state.step, final.get(best.metric, float("nan")))
+        return params, best.step
+    return state.params, state.step
+
+
+def _save_model(trainer: Trainer, params: Any) -> None:
+    """Writes ``model/`` (with LoRA: the adapters, and ``model-merged/`` with ``--merge-lora``)."""
+    model, out_dir = trainer.model, trainer.out_dir
+    trained = nnx.merge(model.eval_graphdef, params, model.rest, copy=True)
+    if model.lora is not None:
+        save_lora_model(trained, model.lora, trainer.tasks, trainer.tokenizer, out_dir / "model", base=str(trainer.model_dir),
+                        merged_path=out_dir / "model-merged" if trainer.config.merge_lora else None)
+    else:
+        save_final_model(trained, trainer.tasks, trainer.tokenizer, out_dir / "model")
+
+
+def _slowest_horizon(horizon: int) -> int:
+    """The smallest of the processes' horizons (the slowest process's)."""
+    return int(-distributed.all_reduce_max(-float(horizon)))
 
 
 def _path_tuple(path: Sequence[Any]) -> tuple[Any, ...]:
@@ -708,12 +938,6 @@ def _epoch(data: Mapping[str, TaskData], positions: Mapping[str, Mapping[str, in
     first, state = task_data.train, positions[name]
     per_epoch = max(1, len(first.epoch_plan(state["epoch"])))
     return round(state["epoch"] + state["index"] / per_epoch, 4)
-
-
-def _improved(value: float | None, best: float | None, greater: bool) -> bool:
-    if value is None or not math.isfinite(value):
-        return False
-    return best is None or (value > best if greater else value < best)
 
 
 def _state_shardings(optimizer: Any, params: Any, log_vars: Any, mesh: Any) -> tuple[Any, Any, Any]:
