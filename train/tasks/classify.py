@@ -10,10 +10,10 @@ import numpy as np
 
 import jaxloss
 from train import metrics
-from train.data.records import Records, TextExample
+from train.data.records import DataError, Records, TextExample
 from train.data.table import read_table
 from train.data.text import read_text
-from train.data.tokenization import encode_texts
+from train.data.tokenization import Feature, note_truncated
 from train.tasks.base import (Batch, Task, column, evaluation_label_ids, example_count, infer_format, read_table_texts,
                               table_texts)
 
@@ -107,3 +107,48 @@ def _gather_rows(
         preds.append(np.asarray(p[pred_key])[keep])
         golds.append(np.asarray(b[gold_key])[keep])
     return np.concatenate(preds), np.concatenate(golds)
+
+
+def encode_texts(
+    tokenizer,
+    examples: Sequence[TextExample],
+    *,
+    max_length: int,
+    label_to_id: Mapping[str, int] | None = None,
+) -> Records[Feature]:
+    """Tokenize texts or text pairs with their labels.
+
+    A class label (a string) becomes ``labels = label_to_id[label]`` (an int); a float
+    label (regression) is kept as a float; an example without a label gets no
+    ``labels``. Longer inputs are truncated (pairs: longest first) and counted.
+    """
+    out: Records[Feature] = Records()
+    counts = out.counts
+    if not examples:
+        return out
+    pairs = [e.text_pair is not None for e in examples]
+    if any(pairs) and not all(pairs):
+        raise ValueError("examples mix single texts and text pairs")
+    texts = [e.text for e in examples]
+    kwargs: dict[str, Any] = dict(truncation=True, max_length=max_length)
+    if all(pairs):
+        kwargs["text_pair"] = [e.text_pair for e in examples]
+    enc = tokenizer(texts, **kwargs)
+    # untruncated lengths, only to count truncations (verbose=False: no length warning)
+    full = tokenizer(texts, verbose=False, **{k: v for k, v in kwargs.items() if k == "text_pair"})
+    truncated = 0
+    for k, e in enumerate(examples):
+        feat = {name: list(enc[name][k]) for name in enc.keys()}
+        truncated += len(full["input_ids"][k]) > len(feat["input_ids"])
+        if isinstance(e.label, float):
+            feat["labels"] = e.label
+        elif e.label is not None:
+            if label_to_id is None:
+                raise ValueError("class labels need label_to_id")
+            if e.label not in label_to_id:
+                raise DataError(e.source, e.line, f"unknown label {e.label!r} (not in the label "
+                                                  f"map {sorted(label_to_id)})")
+            feat["labels"] = label_to_id[e.label]
+        out.append(feat)
+    note_truncated(counts, truncated, "texts", max_length)
+    return out

@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxloss
-from train.data.tokenization import encode_lm
 from train.tasks.base import Batch, fused_token_loss
-from train.tasks.text import TextTask
+from train.tasks.text import TextTask, encode_lm
 
 
 @dataclasses.dataclass

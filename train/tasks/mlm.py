@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxloss
-from train.data.tokenization import IGNORE_INDEX, encode_lm
+from train.data.tokenization import IGNORE_INDEX
 from train.tasks.base import Batch, fused_token_loss, token_count
-from train.tasks.text import TextTask
+from train.tasks.text import TextTask, encode_lm
 
 
 @dataclasses.dataclass

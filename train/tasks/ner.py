@@ -11,7 +11,8 @@ import numpy as np
 import jaxloss
 from train import metrics
 from train.data.conll import read_conll
-from train.data.tokenization import encode_tagged
+from train.data.records import DataError, Records, TaggedSentence, logger
+from train.data.tokenization import Feature, align_labels, note_truncated
 from train.tasks.base import Batch, Task, evaluation_label_ids, token_count
 
 
@@ -92,3 +93,58 @@ class NerTask(Task):
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.labels = list(state["labels"])
+
+
+def encode_tagged(
+    tokenizer,
+    sentences: Sequence[TaggedSentence],
+    label_to_id: Mapping[str, int],
+    *,
+    max_length: int,
+    label_all_subwords: bool = False,
+) -> Records[Feature]:
+    """Tokenize tagged sentences word by word and align the tags to subwords.
+
+    Each feature holds the tokenizer's fields (``input_ids``, ``attention_mask``, and
+    ``token_type_ids`` when the tokenizer makes them) and ``labels`` (see
+    :func:`~train.data.tokenization.align_labels`; ``B-X`` continues as ``I-X`` when all subwords are labelled).
+    Sentences longer than ``max_length`` tokens are truncated, and words the tokenizer
+    turns into nothing (e.g. a lone control character) get no label; both are counted in
+    ``counts`` and logged.
+    A tag missing from ``label_to_id`` raises ``DataError`` at the sentence's line.
+    """
+    continuation = {}
+    for tag, i in label_to_id.items():
+        if tag.startswith("B-") and "I-" + tag[2:] in label_to_id:
+            continuation[i] = label_to_id["I-" + tag[2:]]
+    out: Records[Feature] = Records()
+    counts = out.counts
+    if not sentences:
+        return out
+    enc = tokenizer([list(s.tokens) for s in sentences], is_split_into_words=True,
+                    truncation=True, max_length=max_length)
+    truncated = 0
+    for k, s in enumerate(sentences):
+        try:
+            word_labels = [label_to_id[t] for t in s.tags]
+        except KeyError as e:
+            raise DataError(s.source, s.line, f"unknown tag {e.args[0]!r} (not in the label map "
+                                              f"{sorted(label_to_id)})") from None
+        word_ids = enc.word_ids(k)
+        seen = {w for w in word_ids if w is not None}
+        if len(seen) < len(s.tokens):
+            last = max(seen, default=-1)
+            cut = len(word_ids) >= max_length and last < len(s.tokens) - 1
+            truncated += cut
+            empty = [w for w in range(last if cut else len(s.tokens)) if w not in seen]
+            if empty:
+                counts["words without subword tokens (unlabelled)"] += len(empty)
+                logger.warning("%s:%d: token %r gives no subword token; its tag is not trained",
+                               s.source, s.line + empty[0], s.tokens[empty[0]])
+        feat = {name: list(enc[name][k]) for name in enc.keys()}
+        feat["labels"] = align_labels(word_ids, word_labels,
+                                      label_all_subwords=label_all_subwords,
+                                      continuation=continuation)
+        out.append(feat)
+    note_truncated(counts, truncated, "sentences", max_length)
+    return out

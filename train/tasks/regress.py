@@ -21,10 +21,11 @@ import numpy as np
 
 import jaxloss
 from train import metrics
+from train.data.records import DataError, Records, TextExample
 from train.data.table import read_table
-from train.data.tokenization import encode_text_pairs_apart, encode_texts
+from train.data.tokenization import Feature
 from train.tasks.base import Batch, Task, column, example_count, infer_format, read_table_texts, table_texts
-from train.tasks.classify import _gather_rows
+from train.tasks.classify import _gather_rows, encode_texts
 
 PAIR_ENCODINGS = ("cross", "siamese")
 
@@ -124,3 +125,27 @@ class RegressTask(Task):
     def load_state(self, state: Mapping[str, Any]) -> None:
         if "score_range" in state:
             self.score_range = (float(state["score_range"][0]), float(state["score_range"][1]))
+
+
+def encode_text_pairs_apart(tokenizer, examples: Sequence[TextExample], *, max_length: int) -> Records[Feature]:
+    """Tokenize the two texts of each pair on their own (for a siamese model).
+
+    A feature holds ``input_ids`` / ``attention_mask`` of the first text, ``pair_input_ids`` /
+    ``pair_attention_mask`` of the second, and the pair's label as :func:`encode_texts` keeps
+    it (numbers only). Each text is cut to ``max_length`` tokens; truncations are counted.
+    """
+    missing = next((e for e in examples if e.text_pair is None), None)
+    if missing is not None:
+        raise DataError(missing.source, missing.line, "a siamese encoding needs text pairs; this row has no "
+                                                       "second text (--text-pair-column)")
+    first = encode_texts(tokenizer, [dataclasses.replace(e, text_pair=None) for e in examples], max_length=max_length)
+    second = encode_texts(tokenizer, [dataclasses.replace(e, text=e.text_pair, text_pair=None, label=None)
+                                      for e in examples], max_length=max_length)
+    out: Records[Feature] = Records(counts=first.counts + second.counts)
+    for a, b in zip(first, second):
+        feat = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"],
+                "pair_input_ids": b["input_ids"], "pair_attention_mask": b["attention_mask"]}
+        if "labels" in a:
+            feat["labels"] = a["labels"]
+        out.append(feat)
+    return out

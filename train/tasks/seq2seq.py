@@ -33,7 +33,7 @@ import jaxloss
 from train import metrics
 from train.data.records import DataError, ParallelExample, Records, open_text
 from train.data.text import read_parallel, read_parallel_jsonl, read_text
-from train.data.tokenization import IGNORE_INDEX, encode_pairs, note_truncated
+from train.data.tokenization import IGNORE_INDEX, Feature, note_truncated
 from train.tasks.base import Batch, Task, fused_token_loss, infer_format
 
 logger = logging.getLogger("train")
@@ -222,3 +222,32 @@ class Seq2SeqTask(Task):
         for src, ref, hyp in list(zip(sources, references, hypotheses))[:SAMPLES_LOGGED]:
             logger.info("%s sample\n  source:    %s\n  reference: %s\n  output:    %s", self.name, src, ref, hyp)
         return out
+
+
+def encode_pairs(
+    tokenizer,
+    examples: Sequence[ParallelExample],
+    *,
+    max_source_length: int,
+    max_target_length: int,
+) -> Records[Feature]:
+    """Tokenize sequence-to-sequence pairs: ``input_ids`` / ``attention_mask`` from the
+    source, ``labels`` (target ids) from the target; truncations are counted."""
+    out: Records[Feature] = Records()
+    counts = out.counts
+    if not examples:
+        return out
+    src = tokenizer([e.source_text for e in examples], verbose=False)
+    tgt = tokenizer([e.target_text for e in examples], verbose=False)
+    cut_s = cut_t = 0
+    for k in range(len(examples)):
+        ids, mask = list(src["input_ids"][k]), list(src["attention_mask"][k])
+        labels = list(tgt["input_ids"][k])
+        cut_s += len(ids) > max_source_length
+        cut_t += len(labels) > max_target_length
+        out.append({"input_ids": ids[:max_source_length],
+                    "attention_mask": mask[:max_source_length],
+                    "labels": labels[:max_target_length]})
+    note_truncated(counts, cut_s, "sources", max_source_length)
+    note_truncated(counts, cut_t, "targets", max_target_length)
+    return out
