@@ -47,7 +47,7 @@ from train.data.tokenization import encode_tagged, load_tokenizer
 from train.modeling import is_adapter_folder, is_shared_trunk_run, load_heads, load_lora_model
 from train.models import load_multitask, load_pretrained
 from train.step import forward
-from train.tasks.base import Task
+from train.tasks import Task, build_tasks_without_files
 
 
 def load_run(run_dir: str | Path, task_name: str | None = None) -> tuple[TrainConfig, Task, Any, nnx.Module]:
@@ -77,13 +77,6 @@ def load_run(run_dir: str | Path, task_name: str | None = None) -> tuple[TrainCo
         model = load_pretrained(run_dir / "model")
     model.eval()
     return config, task, tokenizer, model
-
-
-def build_tasks_without_files(config: TrainConfig) -> list[Task]:
-    """The run's tasks as configured, without requiring its data files to still exist."""
-    from train.loop import make_task, task_specs
-
-    return [make_task(spec, config, with_files=False) for spec in task_specs(config)]
 
 
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:

@@ -12,7 +12,7 @@ import abc
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +20,9 @@ from jax import Array
 
 import jaxloss
 from train.data.tokenization import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from train.config import TaskSpec, TrainConfig
 
 Batch = Mapping[str, Array]
 logger = logging.getLogger(__name__)
@@ -67,6 +70,19 @@ class Task(abc.ABC):
     main_metric: str = dataclasses.field(init=False, default="")  # eval metric that picks the best model
     greater_is_better: bool = dataclasses.field(init=False, default=True)
     fused: bool = dataclasses.field(init=False, default=False)  # train with the fused linear cross-entropy
+
+    #: The spec's ``pair_encoding`` values the kind accepts (see :mod:`train.tasks.regress`).
+    pair_encodings: ClassVar[tuple[str, ...]] = ("cross",)
+    #: The model a run of this kind trains of its own (e.g. ``"an encoder-decoder"``), which
+    #: cannot be a head on the shared encoder trunk of a multi-task run; None: a head on any trunk.
+    own_model: ClassVar[str | None] = None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> Task:
+        """The task of ``spec`` with the run-wide settings of ``config`` (``with_files=False``:
+        without its data files, to rebuild a finished run's task)."""
+        return cls(**spec_arguments(spec, config, with_files=with_files))
 
     # -- data ---------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -137,6 +153,17 @@ class Task(abc.ABC):
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state`."""
+
+
+def spec_arguments(spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> dict[str, Any]:
+    """The constructor arguments every task takes from its spec: its name, data files (none
+    without ``with_files``), format, columns and ``max_length`` (the run's unless the spec sets one)."""
+    return dict(
+        name=spec.name, train_file=spec.train_file if with_files else None,
+        eval_file=spec.eval_file if with_files else None, format=spec.format,
+        text_column=spec.text_column, text_pair_column=spec.text_pair_column, label_column=spec.label_column,
+        max_length=spec.max_length or config.max_length,
+    )
 
 
 def read_table_texts(task: Task, path: str, fmt: str) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +15,10 @@ from train.data.table import read_table
 from train.data.text import read_text
 from train.data.tokenization import Feature, note_truncated
 from train.tasks.base import (Batch, Task, column, evaluation_label_ids, example_count, infer_format, read_table_texts,
-                              table_texts)
+                              spec_arguments, table_texts)
+
+if TYPE_CHECKING:
+    from train.config import TaskSpec, TrainConfig
 
 
 @dataclasses.dataclass
@@ -30,6 +33,11 @@ class ClassifyTask(Task):
         self.kind = "classify"
         self.term_kind = "classification"
         self.main_metric = "accuracy"
+
+    @classmethod
+    def from_spec(cls, spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> ClassifyTask:
+        """With the run's label smoothing."""
+        return cls(**spec_arguments(spec, config, with_files=with_files), label_smoothing=config.label_smoothing)
 
     def read(self, path: str) -> Sequence[Any]:
         fmt = infer_format(path, self.format, "label_first")

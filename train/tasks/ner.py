@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +13,10 @@ from train import metrics
 from train.data.conll import read_conll
 from train.data.records import DataError, Records, TaggedSentence, logger
 from train.data.tokenization import Feature, align_labels, note_truncated
-from train.tasks.base import Batch, Task, evaluation_label_ids, token_count
+from train.tasks.base import Batch, Task, evaluation_label_ids, spec_arguments, token_count
+
+if TYPE_CHECKING:
+    from train.config import TaskSpec, TrainConfig
 
 
 @dataclasses.dataclass
@@ -29,6 +32,12 @@ class NerTask(Task):
         self.kind = "ner"
         self.term_kind = "classification"
         self.main_metric = "f1"
+
+    @classmethod
+    def from_spec(cls, spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> NerTask:
+        """With the run's label smoothing and ``--label-all-subwords``."""
+        return cls(**spec_arguments(spec, config, with_files=with_files), label_smoothing=config.label_smoothing,
+                   label_all_subwords=config.label_all_subwords)
 
     def read(self, path: str) -> Sequence[Any]:
         scheme = self.format if self.format in ("iob1", "iobes", "bio") else "bio"

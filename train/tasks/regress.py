@@ -14,7 +14,7 @@ A pair is encoded one of two ways (``pair_encoding``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +24,12 @@ from train import metrics
 from train.data.records import DataError, Records, TextExample
 from train.data.table import read_table
 from train.data.tokenization import Feature
-from train.tasks.base import Batch, Task, column, example_count, infer_format, read_table_texts, table_texts
+from train.tasks.base import (Batch, Task, column, example_count, infer_format, read_table_texts, spec_arguments,
+                              table_texts)
 from train.tasks.classify import _gather_rows, encode_texts
+
+if TYPE_CHECKING:
+    from train.config import TaskSpec, TrainConfig
 
 PAIR_ENCODINGS = ("cross", "siamese")
 
@@ -37,6 +41,8 @@ class RegressTask(Task):
     pair_encoding: str = "cross"  # how a text pair is encoded: cross | siamese (see the module docstring)
     score_range: tuple[float, float] | None = None  # siamese: (lo, hi) of the training scores
 
+    pair_encodings = PAIR_ENCODINGS
+
     def __post_init__(self) -> None:
         if self.pair_encoding not in PAIR_ENCODINGS:
             raise ValueError(f"task {self.name!r}: pair_encoding={self.pair_encoding!r} is not one of {PAIR_ENCODINGS}")
@@ -46,6 +52,11 @@ class RegressTask(Task):
         self.kind = "regress"
         self.term_kind = "regression"
         self.main_metric = "pearson"
+
+    @classmethod
+    def from_spec(cls, spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> RegressTask:
+        """With the spec's ``pair_encoding``."""
+        return cls(**spec_arguments(spec, config, with_files=with_files), pair_encoding=spec.pair_encoding)
 
     def read(self, path: str) -> Sequence[Any]:
         fmt = infer_format(path, self.format, "tsv")

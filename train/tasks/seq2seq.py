@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import sys
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +34,10 @@ from train import metrics
 from train.data.records import DataError, ParallelExample, Records, open_text
 from train.data.text import read_parallel, read_parallel_jsonl, read_text
 from train.data.tokenization import IGNORE_INDEX, Feature, note_truncated
-from train.tasks.base import Batch, Task, fused_token_loss, infer_format
+from train.tasks.base import Batch, Task, fused_token_loss, infer_format, spec_arguments
+
+if TYPE_CHECKING:
+    from train.config import TaskSpec, TrainConfig
 
 logger = logging.getLogger("train")
 
@@ -89,6 +92,8 @@ class Seq2SeqTask(Task):
     max_new_tokens: int | None = None  # longest generated output (default: max_length)
     num_beams: int = 1  # beams of evaluation decoding (1: greedy)
 
+    own_model = "an encoder-decoder"
+
     def __post_init__(self) -> None:
         self.kind = "seq2seq"
         self.term_kind = "classification"
@@ -96,6 +101,14 @@ class Seq2SeqTask(Task):
         self.greater_is_better = True
         self._tokenizer: Any = None
         self._eval_records: Sequence[ParallelExample] = ()
+
+    @classmethod
+    def from_spec(cls, spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> Seq2SeqTask:
+        """With the run's label smoothing and decoding settings, and the spec's target files."""
+        targets = dict(train_target_file=spec.train_target_file, eval_target_file=spec.eval_target_file) if with_files \
+            else {}
+        return cls(**spec_arguments(spec, config, with_files=with_files), label_smoothing=config.label_smoothing,
+                   max_new_tokens=config.max_new_tokens, num_beams=config.num_beams, **targets)
 
     # -- data ---------------------------------------------------------------------------------
     def target_file(self, path: str) -> str:
