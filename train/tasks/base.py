@@ -76,6 +76,13 @@ class Task(abc.ABC):
     #: The model a run of this kind trains of its own (e.g. ``"an encoder-decoder"``), which
     #: cannot be a head on the shared encoder trunk of a multi-task run; None: a head on any trunk.
     own_model: ClassVar[str | None] = None
+    #: The model family a run of this task alone trains: ``"encoder"`` (a BERT with the task's
+    #: head), ``"decoder"`` (GPT-2, Llama) or ``"seq2seq"`` (BART, Marian); a multi-task run
+    #: trains an encoder trunk with a head per task.
+    family: ClassVar[str] = "encoder"
+    #: The Hugging Face class of an encoder with this task's head (e.g. ``BertForTokenClassification``);
+    #: None where the family decides: a decoder or encoder-decoder (a checkpoint's own class).
+    architecture: ClassVar[str | None] = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -114,6 +121,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def head(self) -> tuple[str, int]:
         """The head this task needs on a shared trunk: ``(kind, num_labels)``."""
+
+    def label_overrides(self) -> dict[str, Any]:
+        """The model config's label fields for this task's head (``num_labels``, ``id2label``...);
+        none by default."""
+        return {}
 
     def model_inputs(self, model: Any, batch: Batch) -> dict[str, Any]:
         """The model's keyword arguments for ``batch``: its token ids, masks and token types."""
@@ -174,6 +186,19 @@ def read_table_texts(task: Task, path: str, fmt: str) -> Any:
     text, pair = column(task.text_column), column(task.text_pair_column)
     header = not all(isinstance(c, int) for c in (text, pair) if c is not None)
     return read_table(path, format=fmt, header=header, text_column=text, text_pair_column=pair, label_column=None)
+
+
+def label_config(labels: Sequence[str]) -> dict[str, Any]:
+    """A model config's label fields for a head over the class names ``labels`` (none if there are none).
+
+    Example:
+      >>> label_config(["neg", "pos"])
+      {'num_labels': 2, 'id2label': {'0': 'neg', '1': 'pos'}, 'label2id': {'neg': 0, 'pos': 1}}
+    """
+    if not labels:
+        return {}
+    return {"num_labels": len(labels), "id2label": {str(i): l for i, l in enumerate(labels)},
+            "label2id": {l: i for i, l in enumerate(labels)}}
 
 
 def evaluation_label_ids(task: str, labels: Sequence[str],

@@ -15,7 +15,7 @@ from train.data.table import read_table
 from train.data.text import read_text
 from train.data.tokenization import Feature, note_truncated
 from train.tasks.base import (Batch, Task, column, evaluation_label_ids, example_count, infer_format, read_table_texts,
-                              spec_arguments, table_texts)
+                              label_config, spec_arguments, table_texts)
 
 if TYPE_CHECKING:
     from train.config import TaskSpec, TrainConfig
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 class ClassifyTask(Task):
     """Labels are class names; their order is learned from the training file (sorted)."""
 
+    architecture = "BertForSequenceClassification"
     labels: list[str] = dataclasses.field(default_factory=list)
     # evaluation: the labels, then those of the evaluation data that training never saw
     eval_labels: list[str] = dataclasses.field(default_factory=list)
@@ -80,6 +81,9 @@ class ClassifyTask(Task):
 
     def head(self) -> tuple[str, int]:
         return ("sequence_classification", len(self.labels))
+
+    def label_overrides(self) -> dict[str, Any]:
+        return label_config(self.labels)
 
     def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
         return jaxloss.cross_entropy(

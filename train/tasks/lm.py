@@ -23,6 +23,8 @@ from train.tasks.text import TextTask, encode_lm
 class LmTask(TextTask):
     """Next-token prediction; the model head is causal (a decoder, or a causal head on a shared trunk)."""
 
+    family = "decoder"
+
     def __post_init__(self) -> None:
         self.kind = "lm"
         self.term_kind = "classification"

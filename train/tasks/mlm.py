@@ -32,6 +32,8 @@ from train.tasks.text import TextTask, encode_lm
 class MlmTask(TextTask):
     """Masked-token prediction with a head tied to the input embeddings."""
 
+    architecture = "BertForMaskedLM"
+
     mask_probability: float = 0.15
     mask_token_id: int = -1
     vocab_size: int = 0

@@ -13,7 +13,7 @@ from train import metrics
 from train.data.conll import read_conll
 from train.data.records import DataError, Records, TaggedSentence, logger
 from train.data.tokenization import Feature, align_labels, note_truncated
-from train.tasks.base import Batch, Task, evaluation_label_ids, spec_arguments, token_count
+from train.tasks.base import Batch, Task, evaluation_label_ids, label_config, spec_arguments, token_count
 
 if TYPE_CHECKING:
     from train.config import TaskSpec, TrainConfig
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 class NerTask(Task):
     """BIO tags (IOB1 files are converted with ``format="iob1"``), the first subword of each word labelled."""
 
+    architecture = "BertForTokenClassification"
     labels: list[str] = dataclasses.field(default_factory=list)
     label_all_subwords: bool = False
     # evaluation: the tags, then those of the evaluation data that training never saw
@@ -70,6 +71,9 @@ class NerTask(Task):
 
     def head(self) -> tuple[str, int]:
         return ("token_classification", len(self.labels))
+
+    def label_overrides(self) -> dict[str, Any]:
+        return label_config(self.labels)
 
     def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
         return jaxloss.cross_entropy(

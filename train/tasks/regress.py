@@ -42,6 +42,7 @@ class RegressTask(Task):
     score_range: tuple[float, float] | None = None  # siamese: (lo, hi) of the training scores
 
     pair_encodings = PAIR_ENCODINGS
+    architecture = "BertForSequenceClassification"
 
     def __post_init__(self) -> None:
         if self.pair_encoding not in PAIR_ENCODINGS:
@@ -107,6 +108,9 @@ class RegressTask(Task):
 
     def head(self) -> tuple[str, int]:
         return ("pair_similarity", 1) if self.pair_encoding == "siamese" else ("regression", 1)
+
+    def label_overrides(self) -> dict[str, Any]:
+        return {"num_labels": 1, "problem_type": "regression"}
 
     def model_inputs(self, model: Any, batch: Batch) -> dict[str, Any]:
         """Siamese: the first texts, then the second texts, as one batch of ``2B`` rows."""

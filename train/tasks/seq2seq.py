@@ -93,6 +93,7 @@ class Seq2SeqTask(Task):
     num_beams: int = 1  # beams of evaluation decoding (1: greedy)
 
     own_model = "an encoder-decoder"
+    family = "seq2seq"
 
     def __post_init__(self) -> None:
         self.kind = "seq2seq"
