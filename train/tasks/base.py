@@ -12,8 +12,9 @@ import abc
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -165,6 +166,50 @@ class Task(abc.ABC):
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state`."""
+
+    # -- predictions (jaxloss-train predict) --------------------------------------------------
+    def check_predictable(self, run_dir: str | Path) -> None:
+        """Refuses (``ValueError``) a task without a prediction per input, naming what the run
+        ``run_dir`` offers instead; every input has one by default."""
+
+    def encode_inputs(self, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+        """Features to predict on (records of :meth:`read_inputs`), one per record, each marked
+        ``truncated`` when cut to ``max_length``: the evaluation features by default."""
+        return list(self.encode(tokenizer, records, training=False))
+
+    def predictor(self, model: Any) -> Callable[[Batch], dict[str, Array]]:
+        """What runs on each padded batch of inputs, giving the per-row arrays that
+        :meth:`prediction` reads: by default the model's forward pass and
+        :meth:`prediction_outputs`, jitted."""
+        from train.step import forward  # train.step imports this module
+
+        return jax.jit(lambda batch: self.prediction_outputs(forward(model, self, batch), batch))
+
+    def prediction_outputs(self, output: Any, batch: Batch) -> dict[str, Array]:
+        """The per-row arrays a prediction is read from (inside ``jit``): the head's logits by default."""
+        return {"logits": output.logits}
+
+    def prediction(self, record: Any, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                   tokenizer: Any) -> dict[str, Any]:
+        """The JSON object of one input: from its record, its row of :meth:`predictor`'s outputs
+        and its row of the padded inputs."""
+        raise NotImplementedError(f"task {self.name!r}: a {self.kind} task has no prediction per input")
+
+
+def encode_table_inputs(task: Task, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+    """``task``'s evaluation features of table records (a text, or a pair in one sequence),
+    each marked ``truncated`` where the untruncated encoding is longer (:meth:`Task.encode_inputs`)."""
+    features = list(task.encode(tokenizer, records, training=False))
+    texts, pairs = [r.text for r in records], [r.text_pair for r in records]
+    full = tokenizer(texts, **({} if pairs[0] is None else {"text_pair": pairs}), verbose=False)["input_ids"]
+    for feature, ids in zip(features, full):
+        feature["truncated"] = len(ids) > len(feature["input_ids"])
+    return features
+
+
+def pair_field(record: Any) -> dict[str, str]:
+    """A table record's second text as a prediction's ``text_pair`` field (none for a single text)."""
+    return {} if getattr(record, "text_pair", None) is None else {"text_pair": record.text_pair}
 
 
 def spec_arguments(spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from train.data.records import DataError, Records, TextExample
 from train.data.table import read_table
 from train.data.text import read_text
 from train.data.tokenization import Feature, note_truncated
-from train.tasks.base import (Batch, Task, column, evaluation_label_ids, example_count, infer_format, read_table_texts,
-                              label_config, spec_arguments, table_texts)
+from train.tasks.base import (Batch, Task, column, encode_table_inputs, evaluation_label_ids, example_count,
+                              infer_format, label_config, pair_field, read_table_texts, spec_arguments, table_texts)
 
 if TYPE_CHECKING:
     from train.config import TaskSpec, TrainConfig
@@ -107,6 +107,19 @@ class ClassifyTask(Task):
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.labels = list(state["labels"])
+
+    def encode_inputs(self, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+        return encode_table_inputs(self, tokenizer, records)
+
+    def prediction(self, record: Any, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                   tokenizer: Any) -> dict[str, Any]:
+        """``{"line", "text", "label", "scores"}``: the likeliest class, and each class's softmax probability."""
+        logits = np.asarray(outputs["logits"], np.float64)
+        probs = np.exp(logits - logits.max())
+        probs = probs / probs.sum()
+        return {"line": record.line, "text": record.text, **pair_field(record),
+                "label": self.labels[int(np.argmax(logits))],
+                "scores": {label: round(float(p), 6) for label, p in zip(self.labels, probs)}}
 
 
 def _gather_rows(

@@ -69,6 +69,11 @@ class MlmTask(TextTask):
     def head(self) -> tuple[str, int]:
         return ("mlm", 0)
 
+    def check_predictable(self, run_dir: Any) -> None:
+        """A masked language model has no prediction per input: its perplexity is what it gives."""
+        raise ValueError(f"task {self.name!r} is a masked language model, which has no prediction per input; "
+                         f"`jaxloss-train evaluate {run_dir} FILE` gives its perplexity on a text file")
+
     def max_predictions(self, length: int) -> int:
         """The most chosen positions a row of ``length`` tokens holds: ``ceil(1.5 p length)``."""
         return max(1, math.ceil(1.5 * self.mask_probability * length))

@@ -12,7 +12,7 @@ import jaxloss
 from train import metrics
 from train.data.conll import read_conll
 from train.data.records import DataError, Records, TaggedSentence, logger
-from train.data.tokenization import Feature, align_labels, note_truncated
+from train.data.tokenization import IGNORE_INDEX, Feature, align_labels, note_truncated
 from train.tasks.base import Batch, Task, evaluation_label_ids, label_config, spec_arguments, token_count
 
 if TYPE_CHECKING:
@@ -107,6 +107,24 @@ class NerTask(Task):
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.labels = list(state["labels"])
 
+    def encode_inputs(self, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+        """Untagged sentences; ``labels`` mark each word's first subword, where its tag is read
+        from, and a sentence is ``truncated`` when some of its words lost them."""
+        features = list(encode_tagged(tokenizer, records, {"O": 0}, max_length=self.max_length))
+        for feature, record in zip(features, records):
+            feature["truncated"] = sum(1 for label in feature["labels"] if label != IGNORE_INDEX) < len(record.tokens)
+        return features
+
+    def prediction(self, record: Any, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                   tokenizer: Any) -> dict[str, Any]:
+        """``{"line", "tokens", "tags", "entities"}``: a BIO tag per word (``O`` for the words
+        that ``max_length`` cut off) and the entities they make (:func:`entity_spans`)."""
+        first = inputs["labels"] != IGNORE_INDEX
+        tags = [self.labels[int(i)] for i in np.argmax(np.asarray(outputs["logits"], np.float64), -1)[first]]
+        tags += ["O"] * (len(record.tokens) - len(tags))
+        return {"line": record.line, "tokens": list(record.tokens), "tags": tags,
+                "entities": entity_spans(record.tokens, tags)}
+
 
 def encode_tagged(
     tokenizer,
@@ -161,3 +179,14 @@ def encode_tagged(
         out.append(feat)
     note_truncated(counts, truncated, "sentences", max_length)
     return out
+
+
+def entity_spans(tokens: Sequence[str], tags: Sequence[str]) -> list[dict[str, Any]]:
+    """The entities of BIO ``tags`` (read as seqeval does) with their token offsets and text.
+
+    Example:
+      >>> entity_spans(["John", "Smith", "lives", "in", "Paris"], ["B-PER", "I-PER", "O", "O", "B-LOC"])
+      [{'type': 'PER', 'start': 0, 'end': 2, 'text': 'John Smith'}, {'type': 'LOC', 'start': 4, 'end': 5, 'text': 'Paris'}]
+    """
+    return [{"type": kind, "start": first, "end": last + 1, "text": " ".join(tokens[first:last + 1])}
+            for kind, first, last in metrics.get_entities(list(tags))]

@@ -24,8 +24,8 @@ from train import metrics
 from train.data.records import DataError, Records, TextExample
 from train.data.table import read_table
 from train.data.tokenization import Feature
-from train.tasks.base import (Batch, Task, column, example_count, infer_format, read_table_texts, spec_arguments,
-                              table_texts)
+from train.tasks.base import (Batch, Task, column, encode_table_inputs, example_count, infer_format, pair_field,
+                              read_table_texts, spec_arguments, table_texts)
 from train.tasks.classify import _gather_rows, encode_texts
 
 if TYPE_CHECKING:
@@ -140,6 +140,24 @@ class RegressTask(Task):
     def load_state(self, state: Mapping[str, Any]) -> None:
         if "score_range" in state:
             self.score_range = (float(state["score_range"][0]), float(state["score_range"][1]))
+
+    def encode_inputs(self, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+        """Siamese: a pair is ``truncated`` when either of its texts was cut."""
+        if self.pair_encoding != "siamese":
+            return encode_table_inputs(self, tokenizer, records)
+        features = list(self.encode(tokenizer, records, training=False))
+        first = tokenizer([r.text for r in records], verbose=False)["input_ids"]
+        second = tokenizer([r.text_pair for r in records], verbose=False)["input_ids"]
+        for a, b, feature in zip(first, second, features):
+            feature["truncated"] = len(a) > len(feature["input_ids"]) or len(b) > len(feature["pair_input_ids"])
+        return features
+
+    def prediction(self, record: Any, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                   tokenizer: Any) -> dict[str, Any]:
+        """``{"line", "text", "score"}``."""
+        logits = np.asarray(outputs["logits"], np.float64)
+        return {"line": record.line, "text": record.text, **pair_field(record),
+                "score": float(self.scores(logits[None])[0])}
 
 
 def encode_text_pairs_apart(tokenizer, examples: Sequence[TextExample], *, max_length: int) -> Records[Feature]:

@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import sys
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -146,6 +146,9 @@ class Seq2SeqTask(Task):
             return out
         return Records(ParallelExample(c.text, "", c.source, c.line) for c in read_text(path, unit="line"))
 
+    def read_inputs(self, path: str) -> Sequence[Any]:
+        return self.read_sources(path)
+
     def texts(self, records: Sequence[Any]) -> Iterable[str]:
         for r in records:
             yield r.source_text
@@ -236,6 +239,22 @@ class Seq2SeqTask(Task):
         for src, ref, hyp in list(zip(sources, references, hypotheses))[:SAMPLES_LOGGED]:
             logger.info("%s sample\n  source:    %s\n  reference: %s\n  output:    %s", self.name, src, ref, hyp)
         return out
+
+    # -- predictions --------------------------------------------------------------------------
+    def encode_inputs(self, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+        """Each source's token ids (:meth:`encode_source`)."""
+        return [{"input_ids": ids, "attention_mask": [1] * len(ids)}
+                for ids in (self.encode_source(tokenizer, r.source_text) for r in records)]
+
+    def predictor(self, model: Any) -> Callable[[Batch], dict[str, jnp.ndarray]]:
+        """Decoding (:meth:`generate`, jitted within) of the batch's sources."""
+        return lambda batch: self.generate(model, {k: batch[k] for k in ("input_ids", "attention_mask")})
+
+    def prediction(self, record: Any, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                   tokenizer: Any) -> dict[str, Any]:
+        """``{"line", "source", "prediction"}``: the decoded output."""
+        text, = decode_generated(tokenizer, np.asarray(outputs["generated"])[None], [tokenizer.eos_token_id])
+        return {"line": record.line, "source": record.source_text, "prediction": text}
 
 
 def encode_pairs(
