@@ -23,7 +23,7 @@ The full data sets are read from ``--shared-data`` (default ``../shared/data`` n
 repository) when that folder exists; the shipped subsets in ``data/`` (WNUT-17, STS-B,
 tiny Shakespeare; see data/README.md) always run. The LM perplexity is per token of the
 given kind over the validation text as one stream (paragraphs joined with the
-tokenizer's end-of-text token for BPE, as :func:`train.data.encode_lm` does); its first
+tokenizer's end-of-text token for BPE, as :func:`train.tasks.text.encode_lm` does); its first
 token is not predicted.
 
     python -m benchmarks.bench_baselines                 # writes benchmarks/results/baselines.json

@@ -33,7 +33,9 @@ LAUNCH = time.time()
 
 def _features(task: str, tokenizer: Any, path: str, max_length: int, labels: list[str] | None):
     """Token features and the label names, through the same readers and encoders as jaxloss-train."""
-    from train.data import encode_tagged, encode_texts, read_conll, read_table
+    from train.data import read_conll, read_table
+    from train.tasks.classify import encode_texts
+    from train.tasks.ner import encode_tagged
 
     if task == "ner":
         records = read_conll(path)

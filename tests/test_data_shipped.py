@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from train import data
+from train.tasks.ner import encode_tagged
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -78,7 +79,7 @@ def test_pipeline_on_shipped_data(tmp_path):
     l2i = {t: i for i, t in enumerate(sorted(WNUT_TAGS))}
     tok = data.train_tokenizer((" ".join(s.tokens) for s in sents), kind="wordpiece",
                                vocab_size=4000, save_dir=tmp_path / "tok")
-    feats = data.encode_tagged(data.load_tokenizer(tmp_path / "tok"), sents, l2i, max_length=128)
+    feats = encode_tagged(data.load_tokenizer(tmp_path / "tok"), sents, l2i, max_length=128)
     assert not feats.counts  # nothing truncated, every word labelled
     first = [i for f in feats for i in f["labels"] if i != -100]
     assert first == [l2i[t] for s in sents for t in s.tags]

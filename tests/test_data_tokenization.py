@@ -4,6 +4,11 @@ import pytest
 
 from train import data
 from train.data import IGNORE_INDEX
+from train.tasks.classify import encode_texts
+from train.tasks.ner import encode_tagged
+from train.tasks.regress import encode_text_pairs_apart
+from train.tasks.seq2seq import encode_pairs
+from train.tasks.text import encode_lm
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -84,7 +89,7 @@ def test_encode_tagged_matches_word_by_word_tokenization(wordpiece, all_subwords
                             ("B-product", "I-product", "O", "O", "O"), "f", 1),
         data.TaggedSentence(("Zyxwv", "said", "hi"), ("B-person", "O", "O"), "f", 7),
     ]
-    feats = data.encode_tagged(tok, sents, L2I, max_length=64, label_all_subwords=all_subwords)
+    feats = encode_tagged(tok, sents, L2I, max_length=64, label_all_subwords=all_subwords)
     for s, f in zip(sents, feats):
         assert f["labels"] == reference_alignment(tok, s.tokens, s.tags, all_subwords)
         assert len(f["labels"]) == len(f["input_ids"]) == len(f["token_type_ids"])
@@ -102,32 +107,32 @@ def test_align_labels_cases():
 def test_encode_tagged_truncation_and_unknown_tag(wordpiece):
     tok, _ = wordpiece
     long = data.TaggedSentence(tuple(["dog"] * 20), tuple(["O"] * 20), "f.conll", 3)
-    feats = data.encode_tagged(tok, [long], L2I, max_length=8)
+    feats = encode_tagged(tok, [long], L2I, max_length=8)
     assert len(feats[0]["input_ids"]) == 8 and feats.counts["truncated sentences"] == 1
     bad = data.TaggedSentence(("dog",), ("B-location",), "f.conll", 9)
     with pytest.raises(data.DataError, match=r"f\.conll:9: unknown tag 'B-location'"):
-        data.encode_tagged(tok, [bad], L2I, max_length=8)
+        encode_tagged(tok, [bad], L2I, max_length=8)
 
 
 def test_encode_texts_labels(wordpiece):
     tok, _ = wordpiece
     reg = [data.TextExample("the dog", "a dog", 4.2, "s.tsv", 1),
            data.TextExample("the fox jumps over the lazy dog", "x", 0.5, "s.tsv", 2)]
-    feats = data.encode_texts(tok, reg, max_length=8)
+    feats = encode_texts(tok, reg, max_length=8)
     assert [f["labels"] for f in feats] == [4.2, 0.5]
     assert feats[0]["input_ids"] == tok("the dog", "a dog")["input_ids"]
     assert len(feats[1]["input_ids"]) == 8 and feats.counts["truncated texts"] == 1
     cls = [data.TextExample("the dog", None, "pos", "c.txt", 5)]
-    assert data.encode_texts(tok, cls, max_length=16, label_to_id={"neg": 0, "pos": 1})[0]["labels"] == 1
+    assert encode_texts(tok, cls, max_length=16, label_to_id={"neg": 0, "pos": 1})[0]["labels"] == 1
     with pytest.raises(data.DataError, match=r"c\.txt:5: unknown label 'pos'"):
-        data.encode_texts(tok, cls, max_length=16, label_to_id={"neg": 0})
+        encode_texts(tok, cls, max_length=16, label_to_id={"neg": 0})
 
 
 def test_encode_text_pairs_apart(wordpiece):
     tok, _ = wordpiece
     reg = [data.TextExample("the dog", "a lazy dog", 4.2, "s.tsv", 1),
            data.TextExample("the fox jumps over the lazy dog", "x", 0.5, "s.tsv", 2)]
-    feats = data.encode_text_pairs_apart(tok, reg, max_length=6)
+    feats = encode_text_pairs_apart(tok, reg, max_length=6)
     assert feats[0]["input_ids"] == tok("the dog")["input_ids"]
     assert feats[0]["pair_input_ids"] == tok("a lazy dog")["input_ids"]
     assert feats[0]["pair_attention_mask"] == [1] * len(feats[0]["pair_input_ids"])
@@ -135,7 +140,7 @@ def test_encode_text_pairs_apart(wordpiece):
     assert len(feats[1]["input_ids"]) == 6 and feats.counts["truncated texts"] == 1
     assert "token_type_ids" not in feats[0]
     with pytest.raises(data.DataError, match=r"s\.tsv:7: .*needs text pairs"):
-        data.encode_text_pairs_apart(tok, [data.TextExample("the dog", None, 1.0, "s.tsv", 7)], max_length=6)
+        encode_text_pairs_apart(tok, [data.TextExample("the dog", None, 1.0, "s.tsv", 7)], max_length=6)
 
 
 def test_pack_blocks_is_the_concatenated_stream():
@@ -150,7 +155,7 @@ def test_pack_blocks_is_the_concatenated_stream():
 def test_encode_lm_roundtrip(bpe):
     tok, _ = bpe
     chunks = [data.TextChunk("A:\nHello there.", "t", 1), data.TextChunk("B:\nBye.", "t", 4)]
-    feats = data.encode_lm(tok, chunks, block_size=4)
+    feats = encode_lm(tok, chunks, block_size=4)
     ids = [i for f in feats for i in f["input_ids"]]
     full = tok.decode(ids)
     assert full == ("A:\nHello there.<|endoftext|>B:\nBye.<|endoftext|>")[:len(full)]
@@ -161,7 +166,7 @@ def test_encode_lm_roundtrip(bpe):
 def test_encode_pairs(bpe):
     tok, _ = bpe
     ex = [data.ParallelExample("the dog", "der Hund", "a.en", 1)]
-    f = data.encode_pairs(tok, ex, max_source_length=1, max_target_length=64)
+    f = encode_pairs(tok, ex, max_source_length=1, max_target_length=64)
     assert f[0]["input_ids"] == tok("the dog")["input_ids"][:1]
     assert f[0]["labels"] == tok("der Hund")["input_ids"]
     assert f.counts["truncated sources"] == 1

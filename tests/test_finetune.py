@@ -51,7 +51,8 @@ def test_real_weights_give_transformers_numbers(minilm):
 
 
 def test_ner_labels_first_subwords_with_uncased_and_cased_tokenizers(minilm, tmp_path):
-    from train.data import TaggedSentence, encode_tagged, load_tokenizer, train_tokenizer
+    from train.data import TaggedSentence, load_tokenizer, train_tokenizer
+    from train.tasks.ner import encode_tagged
 
     words = SENTENCES[1].split()
     tags = ["B-person", "I-person", "O", "O", "B-location", "O", "B-person", "O"]

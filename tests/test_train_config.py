@@ -45,7 +45,7 @@ def test_multitask_entries_are_checked(tmp_path):
 
 def test_pair_encoding_is_checked_per_task(tmp_path):
     from train.config import TaskSpec
-    from train.loop import make_task
+    from train.tasks import make_task
 
     config = _config(tmp_path, None, ["regress", "--pair-encoding", "siamese", "--text-pair-column", "b"])
     assert config.pair_encoding == "siamese"

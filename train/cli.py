@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for training runs (one subcommand per task, plus ``plot`` and ``predict``)."""
     parser = argparse.ArgumentParser(
         prog="jaxloss-train",
-        description="Train Transformer models with the jaxloss losses: classify, ner, regress, lm, mlm, seq2seq, multitask.",
+        description=f"Train Transformer models with the jaxloss losses: {', '.join(TASKS)}.",
         epilog="exit status: 0 finished, 1 error (one line; --debug or JAXLOSS_DEBUG=1 for the traceback), 2 usage, "
                "128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT; the same command resumes)",
     )

@@ -13,7 +13,9 @@ from typing import Any, Optional
 
 import yaml
 
-TASKS = ("classify", "ner", "regress", "lm", "mlm", "seq2seq", "multitask")
+from train.tasks import TASK_CLASSES
+
+TASKS = (*TASK_CLASSES, "multitask")
 FINE_TUNING_LEARNING_RATE = 5e-5  # the default peak learning rate with --model (BERT's fine-tuning range)
 SCRATCH_LEARNING_RATE = 1e-3  # the default peak learning rate of a model trained from scratch
 LORA_LEARNING_RATE = 2e-3  # the default peak learning rate with --lora-rank (adapters start at 0 and need more: benchmarks/bench_lora)
@@ -30,7 +32,7 @@ class TaskSpec:
     """One task of a multi-task run (a YAML list entry under ``tasks:``)."""
 
     name: str = _field("task", "name of the task's head and loss term (e.g. ner, sts, lm)")
-    task: str = _field("classify", "kind of task: classify | ner | regress | lm | mlm")
+    task: str = _field("classify", "kind of task: " + " | ".join(TASK_CLASSES))
     train_file: Optional[str] = _field(None, "training data file")
     eval_file: Optional[str] = _field(None, "evaluation data file")
     train_target_file: Optional[str] = _field(None, "seq2seq: target side of a parallel train_file")
@@ -45,6 +47,11 @@ class TaskSpec:
     buckets: Optional[int] = _field(None, "padded lengths of this task's training batches (default: the run's buckets)")
     weight: float = _field(1.0, "weight of this task's term in the composite loss")
     weight_warmup_steps: int = _field(0, "ramp the weight linearly from 0 over this many steps")
+
+
+#: The fields of a task entry whose None means the run's value (``--batch-size``,
+#: ``--max-length``, ``--buckets``): a single-task run leaves them unset.
+RUN_VALUE_FIELDS = ("batch_size", "max_length", "buckets")
 
 
 @dataclasses.dataclass
@@ -154,6 +161,18 @@ class TrainConfig:
             raise ValueError("--merge-lora needs --lora-rank")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+
+    def task_specs(self) -> list[TaskSpec]:
+        """The run's tasks: the ``tasks:`` list of a multitask run, else one task named after its
+        kind, with each field of a task entry that is also a flag (files, format, columns, pair
+        encoding) taken from the flag, except :data:`RUN_VALUE_FIELDS`."""
+        if self.task == "multitask":
+            if not self.tasks:
+                raise ValueError("multitask needs a 'tasks:' list in the --config file")
+            return list(self.tasks)
+        flags = {f.name for f in dataclasses.fields(self)}
+        return [TaskSpec(name=self.task, **{f.name: getattr(self, f.name) for f in dataclasses.fields(TaskSpec)
+                                            if f.name in flags and f.name not in RUN_VALUE_FIELDS})]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

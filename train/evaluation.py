@@ -62,7 +62,7 @@ def evaluate_file(run_dir: str | Path, file: str | Path, *, output: str | Path |
     ``model/`` holds.
     """
     from train import sharding
-    from train.loop import _check_not_empty, task_specs
+    from train.loop import _check_not_empty
     from train.predict import load_run
     from train.step import make_eval_step
 
@@ -73,7 +73,7 @@ def evaluate_file(run_dir: str | Path, file: str | Path, *, output: str | Path |
     records = task_obj.read(path)
     _check_not_empty(path, records)
     features = task_obj.encode(tokenizer, records, training=False)
-    spec = next(s for s in task_specs(config) if s.name == task_obj.name)
+    spec = next(s for s in config.task_specs() if s.name == task_obj.name)
     divisor = sharding.batch_divisor(sharding.make_mesh(config.mesh))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = eval_batches(task_obj, features, batch_size=eval_batch_size(spec.batch_size or config.batch_size, divisor),

@@ -38,7 +38,7 @@ from train import distributed, evaluation, sharding
 from train.budget import Budget, Clock, learning_rates
 from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
 from train.compilation import CompiledSteps, CompileStats, ExecutableCache, compile_all, enable_compile_cache
-from train.config import TaskSpec, TrainConfig
+from train.config import TrainConfig
 from train.data.batching import Batcher
 from train.data.records import DataError
 from train.modeling import (
@@ -60,71 +60,13 @@ from train.state import Best, TrainState
 from train.step import make_eval_step, make_train_step
 from train.timing import Timings
 from train.utilisation import peak_tflops, utilisation
-from train.tasks import TASK_CLASSES, Task
+from train.tasks import Task, build_tasks
 
 logger = logging.getLogger("train")
 STOPPED_BY_SIGNAL = "a stop signal"  # summary.json's stop_reason when SIGTERM / SIGINT ended the run
 
 NONFINITE_LIMIT = 5  # consecutive skipped steps after which the run stops
 IN_FLIGHT = 2  # steps the host dispatches ahead of the devices
-
-
-def task_specs(config: TrainConfig) -> list[TaskSpec]:
-    """The run's tasks: the ``tasks:`` list of a multitask run, else one task from the flags."""
-    if config.task == "multitask":
-        if not config.tasks:
-            raise ValueError("multitask needs a 'tasks:' list in the --config file")
-        return list(config.tasks)
-    return [TaskSpec(
-        name=config.task, task=config.task, train_file=config.train_file, eval_file=config.eval_file,
-        train_target_file=config.train_target_file, eval_target_file=config.eval_target_file,
-        format=config.format, text_column=config.text_column, text_pair_column=config.text_pair_column,
-        label_column=config.label_column, pair_encoding=config.pair_encoding,
-    )]
-
-
-def build_tasks(config: TrainConfig) -> list[Task]:
-    tasks = []
-    specs = task_specs(config)
-    for spec in specs:
-        if spec.task == "seq2seq" and len(specs) > 1:
-            raise ValueError(f"task {spec.name!r}: seq2seq trains an encoder-decoder of its own and cannot share "
-                             "a multi-task encoder trunk; run it on its own (jaxloss-train seq2seq)")
-        if spec.task not in TASK_CLASSES:
-            raise ValueError(f"task {spec.name!r}: unknown kind {spec.task!r}; known: {sorted(TASK_CLASSES)}")
-        if not spec.train_file:
-            raise ValueError(f"task {spec.name!r} needs a train_file (--train-file)")
-        for path in (spec.train_file, spec.eval_file, spec.train_target_file, spec.eval_target_file):
-            if path and not Path(path).exists():
-                raise FileNotFoundError(f"task {spec.name!r}: data file {path} does not exist")
-        tasks.append(make_task(spec, config))
-    return tasks
-
-
-def make_task(spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> Task:
-    """The task of ``spec`` with the run-wide settings of ``config`` (``with_files=False``:
-    without its data files, to rebuild a finished run's task)."""
-    kwargs: dict[str, Any] = dict(
-        name=spec.name, train_file=spec.train_file if with_files else None,
-        eval_file=spec.eval_file if with_files else None, format=spec.format,
-        text_column=spec.text_column, text_pair_column=spec.text_pair_column, label_column=spec.label_column,
-        max_length=spec.max_length or config.max_length,
-    )
-    if spec.task in ("classify", "ner", "seq2seq"):
-        kwargs["label_smoothing"] = config.label_smoothing
-    if spec.task == "regress":
-        kwargs["pair_encoding"] = spec.pair_encoding
-    elif spec.pair_encoding != "cross":
-        raise ValueError(f"task {spec.name!r}: pair_encoding={spec.pair_encoding!r} applies to regress tasks, "
-                         f"not {spec.task}")
-    if spec.task == "seq2seq":
-        kwargs.update(max_new_tokens=config.max_new_tokens, num_beams=config.num_beams)
-        if with_files:
-            kwargs.update(train_target_file=spec.train_target_file, eval_target_file=spec.eval_target_file)
-    task = TASK_CLASSES[spec.task](**kwargs)
-    if spec.task == "ner":
-        task.label_all_subwords = config.label_all_subwords
-    return task
 
 
 FUSED_LOSS_MIN_VOCAB = 32768
@@ -139,7 +81,7 @@ def use_fused_loss(setting: str, vocab_size: int) -> bool:
 
 def composite_loss(config: TrainConfig, tasks: Sequence[Task]) -> jaxloss.CompositeLoss:
     """The composite loss over the tasks' terms, with each spec's weight and warmup."""
-    specs = {s.name: s for s in task_specs(config)}
+    specs = {s.name: s for s in config.task_specs()}
     terms = []
     for task in tasks:
         spec = specs[task.name]
@@ -176,7 +118,7 @@ def _make_batchers(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, d
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multi = len(tasks) > 1
-    specs = {s.name: s for s in task_specs(config)}
+    specs = {s.name: s for s in config.task_specs()}
     out = {}
     for task in tasks:
         batch_size = specs[task.name].batch_size or config.batch_size
@@ -389,7 +331,7 @@ def _prepare_data(config: TrainConfig, out_dir: Path, divisor: int) -> tuple[lis
             task.fit_labels(records[task.name][0])
     tokenizer = build_tokenizer(config, tasks, records, out_dir / "tokenizer", source=tokenizer_dir)
     for task in tasks:
-        task.fused = task.kind in ("lm", "mlm", "seq2seq") and use_fused_loss(config.fused_loss, len(tokenizer))
+        task.fused = task.vocabulary_loss and use_fused_loss(config.fused_loss, len(tokenizer))
     data = _make_batchers(config, tasks, tokenizer, divisor, records)
     (out_dir / "tasks.json").write_text(json.dumps({t.name: t.state() for t in tasks}, indent=2))
     config.save(out_dir / "config.yaml")

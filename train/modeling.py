@@ -48,22 +48,11 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
     "base": (768, 12, 12, 3072),
 }
 
-ENCODER_ARCHITECTURE = {
-    "classify": "BertForSequenceClassification",
-    "regress": "BertForSequenceClassification",
-    "ner": "BertForTokenClassification",
-    "mlm": "BertForMaskedLM",
-}
 
-
-def is_decoder_run(tasks: Sequence[Task]) -> bool:
-    """A run of only causal-LM tasks trains a decoder; anything else an encoder trunk."""
-    return all(t.kind == "lm" for t in tasks) and len(tasks) == 1
-
-
-def is_seq2seq_run(tasks: Sequence[Task]) -> bool:
-    """A sequence-to-sequence run trains an encoder-decoder."""
-    return len(tasks) == 1 and tasks[0].kind == "seq2seq"
+def run_family(tasks: Sequence[Task]) -> str:
+    """The model family the run trains: its task's (:attr:`Task.family <train.tasks.base.Task.family>`:
+    a decoder, an encoder-decoder or an encoder), or for several tasks an encoder trunk."""
+    return tasks[0].family if len(tasks) == 1 else "encoder"
 
 
 def checkpoint_folders(config: TrainConfig) -> tuple[Path | None, Path | None]:
@@ -76,6 +65,8 @@ def checkpoint_folders(config: TrainConfig) -> tuple[Path | None, Path | None]:
 
 #: The model families (``config.json``'s ``model_type``) each kind of run fine-tunes.
 FAMILIES_FOR_RUN = {"decoder": ("gpt2", "llama"), "seq2seq": ("bart", "marian"), "encoder": ("bert",)}
+#: The kind of tokenizer trained on the run's texts for each kind of run.
+TOKENIZER_FOR_RUN = {"decoder": "bpe", "seq2seq": "bpe", "encoder": "wordpiece"}
 
 
 def check_checkpoint(model_dir: Path, tasks: Sequence[Task]) -> None:
@@ -92,8 +83,7 @@ def check_checkpoint(model_dir: Path, tasks: Sequence[Task]) -> None:
                                 "and model.safetensors") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
-    run = "decoder" if is_decoder_run(tasks) else "seq2seq" if is_seq2seq_run(tasks) else "encoder"
-    families = FAMILIES_FOR_RUN[run]
+    families = FAMILIES_FOR_RUN[run_family(tasks)]
     model_type = cfg.get("model_type")
     named = (cfg.get("architectures") or [None])[0]
     kinds = "+".join(t.kind for t in tasks)
@@ -116,7 +106,7 @@ def build_tokenizer(config: TrainConfig, tasks: Sequence[Task], records: Mapping
         tokenizer = load_tokenizer(source)
     else:
         texts = [text for t in tasks for text in t.texts(records[t.name][0])]
-        kind = "bpe" if is_decoder_run(tasks) or is_seq2seq_run(tasks) else "wordpiece"
+        kind = TOKENIZER_FOR_RUN[run_family(tasks)]
         tokenizer = train_tokenizer(texts, kind=kind, vocab_size=config.vocab_size, model_max_length=max(512, config.max_length))
     tokenizer.save_pretrained(str(save_dir))
     return tokenizer
@@ -159,16 +149,6 @@ def _size(name: str) -> tuple[int, int, int, int]:
     return MODEL_SIZES[name]
 
 
-def _label_overrides(task: Task) -> dict[str, Any]:
-    if task.kind == "regress":
-        return {"num_labels": 1, "problem_type": "regression"}
-    labels = getattr(task, "labels", None)
-    if not labels:
-        return {}
-    return {"num_labels": len(labels), "id2label": {str(i): l for i, l in enumerate(labels)},
-            "label2id": {l: i for i, l in enumerate(labels)}}
-
-
 def is_shared_trunk_run(tasks: Sequence[Task]) -> bool:
     """Whether the run trains a :class:`BertMultiTask`: several tasks, or a head that no
     Hugging Face class has (a siamese pair-similarity head)."""
@@ -185,8 +165,8 @@ def load_checkpoint_model(model_dir: Path, tasks: Sequence[Task], **runtime: Any
 
         return load_multitask(model_dir, {t.name: t.head() for t in tasks}, **runtime, with_report=True)
     task = tasks[0]
-    arch = None if task.kind in ("lm", "seq2seq") else ENCODER_ARCHITECTURE[task.kind]
-    return load_pretrained(model_dir, arch, strict=False, with_report=True, **runtime, **_label_overrides(task))
+    return load_pretrained(model_dir, task.architecture, strict=False, with_report=True, **runtime,
+                           **task.label_overrides())
 
 
 def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh: Mesh,
@@ -210,12 +190,11 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
             return BertMultiTask(cfg, heads, Runtime(config.dtype, config.param_dtype, config.remat, config.scan_layers),
                                  rngs=nnx.Rngs(config.seed))
         task = tasks[0]
-        if task.kind == "lm":
+        if task.family == "decoder":
             return from_config(_decoder_config(config, vocab_size, tokenizer), "GPT2LMHeadModel", **runtime)
-        if task.kind == "seq2seq":
+        if task.family == "seq2seq":
             return from_config(_seq2seq_config(config, vocab_size, tokenizer), "BartForConditionalGeneration", **runtime)
-        return from_config(_encoder_config(config, vocab_size), ENCODER_ARCHITECTURE[task.kind], **runtime,
-                           **_label_overrides(task))
+        return from_config(_encoder_config(config, vocab_size), task.architecture, **runtime, **task.label_overrides())
 
     if model_dir is not None:
         # a checkpoint is read on the host; the loop then places its arrays on the mesh

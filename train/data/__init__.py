@@ -1,8 +1,9 @@
 """The data layer: readers (records with file and line), tokenization, and batching.
 
-file -> ``read_*`` -> records -> ``encode_*`` -> features -> :class:`Batcher` -> padded
-numpy arrays. Readers stop at bad data with a :class:`DataError` naming the file, the
-line and the problem, and count whatever they leave out in ``Records.counts``.
+file -> ``read_*`` -> records -> a task's ``encode`` (:mod:`train.tasks`) -> features ->
+:class:`Batcher` -> padded numpy arrays. Readers stop at bad data with a
+:class:`DataError` naming the file, the line and the problem, and count whatever they
+leave out in ``Records.counts``.
 """
 
 from train.data.batching import Batcher
@@ -18,18 +19,7 @@ from train.data.records import (
 )
 from train.data.table import read_table
 from train.data.text import read_parallel, read_parallel_jsonl, read_text
-from train.data.tokenization import (
-    IGNORE_INDEX,
-    align_labels,
-    encode_lm,
-    encode_pairs,
-    encode_tagged,
-    encode_text_pairs_apart,
-    encode_texts,
-    load_tokenizer,
-    pack_blocks,
-    train_tokenizer,
-)
+from train.data.tokenization import IGNORE_INDEX, align_labels, load_tokenizer, pack_blocks, train_tokenizer
 
 __all__ = [
     "Batcher",
@@ -37,6 +27,5 @@ __all__ = [
     "DataError", "ParallelExample", "Records", "TaggedSentence", "TextChunk", "TextExample",
     "open_text",
     "read_table", "read_parallel", "read_parallel_jsonl", "read_text",
-    "IGNORE_INDEX", "align_labels", "encode_lm", "encode_pairs", "encode_tagged",
-    "encode_text_pairs_apart", "encode_texts", "load_tokenizer", "pack_blocks", "train_tokenizer",
+    "IGNORE_INDEX", "align_labels", "load_tokenizer", "pack_blocks", "train_tokenizer",
 ]

@@ -1,5 +1,8 @@
-"""Tokenizers (a local Hugging Face folder, or one trained here) and the encoding of
-records into features: dicts of int lists (and a label), one per example, unpadded.
+"""Tokenizers (a local Hugging Face folder, or one trained here) and what every encoding of
+records into features uses: the aligning of word labels to subwords, the counting of
+truncated inputs and the packing of token streams into blocks. A feature is a dict of int
+lists (and a label), one per example, unpadded; each task encodes its own records (its
+module under :mod:`train.tasks`).
 
 A feature's sequence fields (``input_ids``, ``attention_mask``, ``token_type_ids``,
 ``labels`` for tokens) all have one length; the :class:`~train.data.batching.Batcher`
@@ -9,21 +12,11 @@ pads them into arrays.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import os
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
-from train.data.records import (
-    DataError,
-    ParallelExample,
-    PathLike,
-    Records,
-    TaggedSentence,
-    TextChunk,
-    TextExample,
-    logger,
-)
+from train.data.records import PathLike, Records, logger
 
 IGNORE_INDEX = -100
 Feature = dict[str, Any]
@@ -208,159 +201,6 @@ def note_truncated(counts: collections.Counter[str], n: int, what: str, max_leng
         logger.warning("%d %s longer than max_length=%d were truncated", n, what, max_length)
 
 
-def encode_tagged(
-    tokenizer,
-    sentences: Sequence[TaggedSentence],
-    label_to_id: Mapping[str, int],
-    *,
-    max_length: int,
-    label_all_subwords: bool = False,
-) -> Records[Feature]:
-    """Tokenize tagged sentences word by word and align the tags to subwords.
-
-    Each feature holds the tokenizer's fields (``input_ids``, ``attention_mask``, and
-    ``token_type_ids`` when the tokenizer makes them) and ``labels`` (see
-    :func:`align_labels`; ``B-X`` continues as ``I-X`` when all subwords are labelled).
-    Sentences longer than ``max_length`` tokens are truncated, and words the tokenizer
-    turns into nothing (e.g. a lone control character) get no label; both are counted in
-    ``counts`` and logged.
-    A tag missing from ``label_to_id`` raises ``DataError`` at the sentence's line.
-    """
-    continuation = {}
-    for tag, i in label_to_id.items():
-        if tag.startswith("B-") and "I-" + tag[2:] in label_to_id:
-            continuation[i] = label_to_id["I-" + tag[2:]]
-    out: Records[Feature] = Records()
-    counts = out.counts
-    if not sentences:
-        return out
-    enc = tokenizer([list(s.tokens) for s in sentences], is_split_into_words=True,
-                    truncation=True, max_length=max_length)
-    truncated = 0
-    for k, s in enumerate(sentences):
-        try:
-            word_labels = [label_to_id[t] for t in s.tags]
-        except KeyError as e:
-            raise DataError(s.source, s.line, f"unknown tag {e.args[0]!r} (not in the label map "
-                                              f"{sorted(label_to_id)})") from None
-        word_ids = enc.word_ids(k)
-        seen = {w for w in word_ids if w is not None}
-        if len(seen) < len(s.tokens):
-            last = max(seen, default=-1)
-            cut = len(word_ids) >= max_length and last < len(s.tokens) - 1
-            truncated += cut
-            empty = [w for w in range(last if cut else len(s.tokens)) if w not in seen]
-            if empty:
-                counts["words without subword tokens (unlabelled)"] += len(empty)
-                logger.warning("%s:%d: token %r gives no subword token; its tag is not trained",
-                               s.source, s.line + empty[0], s.tokens[empty[0]])
-        feat = {name: list(enc[name][k]) for name in enc.keys()}
-        feat["labels"] = align_labels(word_ids, word_labels,
-                                      label_all_subwords=label_all_subwords,
-                                      continuation=continuation)
-        out.append(feat)
-    note_truncated(counts, truncated, "sentences", max_length)
-    return out
-
-
-def encode_texts(
-    tokenizer,
-    examples: Sequence[TextExample],
-    *,
-    max_length: int,
-    label_to_id: Mapping[str, int] | None = None,
-) -> Records[Feature]:
-    """Tokenize texts or text pairs with their labels.
-
-    A class label (a string) becomes ``labels = label_to_id[label]`` (an int); a float
-    label (regression) is kept as a float; an example without a label gets no
-    ``labels``. Longer inputs are truncated (pairs: longest first) and counted.
-    """
-    out: Records[Feature] = Records()
-    counts = out.counts
-    if not examples:
-        return out
-    pairs = [e.text_pair is not None for e in examples]
-    if any(pairs) and not all(pairs):
-        raise ValueError("examples mix single texts and text pairs")
-    texts = [e.text for e in examples]
-    kwargs: dict[str, Any] = dict(truncation=True, max_length=max_length)
-    if all(pairs):
-        kwargs["text_pair"] = [e.text_pair for e in examples]
-    enc = tokenizer(texts, **kwargs)
-    # untruncated lengths, only to count truncations (verbose=False: no length warning)
-    full = tokenizer(texts, verbose=False, **{k: v for k, v in kwargs.items() if k == "text_pair"})
-    truncated = 0
-    for k, e in enumerate(examples):
-        feat = {name: list(enc[name][k]) for name in enc.keys()}
-        truncated += len(full["input_ids"][k]) > len(feat["input_ids"])
-        if isinstance(e.label, float):
-            feat["labels"] = e.label
-        elif e.label is not None:
-            if label_to_id is None:
-                raise ValueError("class labels need label_to_id")
-            if e.label not in label_to_id:
-                raise DataError(e.source, e.line, f"unknown label {e.label!r} (not in the label "
-                                                  f"map {sorted(label_to_id)})")
-            feat["labels"] = label_to_id[e.label]
-        out.append(feat)
-    note_truncated(counts, truncated, "texts", max_length)
-    return out
-
-
-def encode_text_pairs_apart(tokenizer, examples: Sequence[TextExample], *, max_length: int) -> Records[Feature]:
-    """Tokenize the two texts of each pair on their own (for a siamese model).
-
-    A feature holds ``input_ids`` / ``attention_mask`` of the first text, ``pair_input_ids`` /
-    ``pair_attention_mask`` of the second, and the pair's label as :func:`encode_texts` keeps
-    it (numbers only). Each text is cut to ``max_length`` tokens; truncations are counted.
-    """
-    missing = next((e for e in examples if e.text_pair is None), None)
-    if missing is not None:
-        raise DataError(missing.source, missing.line, "a siamese encoding needs text pairs; this row has no "
-                                                       "second text (--text-pair-column)")
-    first = encode_texts(tokenizer, [dataclasses.replace(e, text_pair=None) for e in examples], max_length=max_length)
-    second = encode_texts(tokenizer, [dataclasses.replace(e, text=e.text_pair, text_pair=None, label=None)
-                                      for e in examples], max_length=max_length)
-    out: Records[Feature] = Records(counts=first.counts + second.counts)
-    for a, b in zip(first, second):
-        feat = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"],
-                "pair_input_ids": b["input_ids"], "pair_attention_mask": b["attention_mask"]}
-        if "labels" in a:
-            feat["labels"] = a["labels"]
-        out.append(feat)
-    return out
-
-
-def encode_pairs(
-    tokenizer,
-    examples: Sequence[ParallelExample],
-    *,
-    max_source_length: int,
-    max_target_length: int,
-) -> Records[Feature]:
-    """Tokenize sequence-to-sequence pairs: ``input_ids`` / ``attention_mask`` from the
-    source, ``labels`` (target ids) from the target; truncations are counted."""
-    out: Records[Feature] = Records()
-    counts = out.counts
-    if not examples:
-        return out
-    src = tokenizer([e.source_text for e in examples], verbose=False)
-    tgt = tokenizer([e.target_text for e in examples], verbose=False)
-    cut_s = cut_t = 0
-    for k in range(len(examples)):
-        ids, mask = list(src["input_ids"][k]), list(src["attention_mask"][k])
-        labels = list(tgt["input_ids"][k])
-        cut_s += len(ids) > max_source_length
-        cut_t += len(labels) > max_target_length
-        out.append({"input_ids": ids[:max_source_length],
-                    "attention_mask": mask[:max_source_length],
-                    "labels": labels[:max_target_length]})
-    note_truncated(counts, cut_s, "sources", max_source_length)
-    note_truncated(counts, cut_t, "targets", max_target_length)
-    return out
-
-
 def pack_blocks(
     token_lists: Iterable[Sequence[int]],
     block_size: int,
@@ -396,15 +236,3 @@ def pack_blocks(
         out.counts["tokens after the last full block"] = rest
         logger.info("packing: %d tokens after the last full block dropped", rest)
     return out
-
-
-def encode_lm(
-    tokenizer,
-    chunks: Sequence[TextChunk],
-    *,
-    block_size: int,
-) -> Records[Feature]:
-    """Tokenize text chunks without special tokens, join them with the tokenizer's EOS
-    token (if it has one) and pack them into blocks of ``block_size`` (:func:`pack_blocks`)."""
-    enc = tokenizer([c.text for c in chunks], add_special_tokens=False, verbose=False)
-    return pack_blocks(enc["input_ids"], block_size, separator_id=tokenizer.eos_token_id)

@@ -1,4 +1,4 @@
-"""The tasks the training application knows: one small module per task."""
+"""The tasks the training application knows: one small module per task, and their registry."""
 
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ from train.tasks.lm import LmTask
 from train.tasks.mlm import MlmTask
 from train.tasks.ner import NerTask
 from train.tasks.regress import RegressTask
+from train.tasks.registry import TASK_CLASSES, build_tasks, build_tasks_without_files, make_task
 from train.tasks.seq2seq import Seq2SeqTask
 
-TASK_CLASSES: dict[str, type[Task]] = {
-    "classify": ClassifyTask,
-    "ner": NerTask,
-    "regress": RegressTask,
-    "lm": LmTask,
-    "mlm": MlmTask,
-    "seq2seq": Seq2SeqTask,
-}
-
-__all__ = ["TASK_CLASSES", "ClassifyTask", "LmTask", "MlmTask", "NerTask", "RegressTask", "Seq2SeqTask", "Task"]
+__all__ = ["TASK_CLASSES", "ClassifyTask", "LmTask", "MlmTask", "NerTask", "RegressTask", "Seq2SeqTask", "Task",
+           "build_tasks", "build_tasks_without_files", "make_task"]

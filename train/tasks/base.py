@@ -12,14 +12,18 @@ import abc
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
 import jaxloss
 from train.data.tokenization import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from train.config import TaskSpec, TrainConfig
 
 Batch = Mapping[str, Array]
 logger = logging.getLogger(__name__)
@@ -68,6 +72,29 @@ class Task(abc.ABC):
     greater_is_better: bool = dataclasses.field(init=False, default=True)
     fused: bool = dataclasses.field(init=False, default=False)  # train with the fused linear cross-entropy
 
+    #: The spec's ``pair_encoding`` values the kind accepts (see :mod:`train.tasks.regress`).
+    pair_encodings: ClassVar[tuple[str, ...]] = ("cross",)
+    #: The model a run of this kind trains of its own (e.g. ``"an encoder-decoder"``), which
+    #: cannot be a head on the shared encoder trunk of a multi-task run; None: a head on any trunk.
+    own_model: ClassVar[str | None] = None
+    #: The model family a run of this task alone trains: ``"encoder"`` (a BERT with the task's
+    #: head), ``"decoder"`` (GPT-2, Llama) or ``"seq2seq"`` (BART, Marian); a multi-task run
+    #: trains an encoder trunk with a head per task.
+    family: ClassVar[str] = "encoder"
+    #: The Hugging Face class of an encoder with this task's head (e.g. ``BertForTokenClassification``);
+    #: None where the family decides: a decoder or encoder-decoder (a checkpoint's own class).
+    architecture: ClassVar[str | None] = None
+    #: Whether the loss is over the vocabulary (a language-model head), where the fused
+    #: linear cross-entropy can stand in for the logits (``--fused-loss``).
+    vocabulary_loss: ClassVar[bool] = False
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> Task:
+        """The task of ``spec`` with the run-wide settings of ``config`` (``with_files=False``:
+        without its data files, to rebuild a finished run's task)."""
+        return cls(**spec_arguments(spec, config, with_files=with_files))
+
     # -- data ---------------------------------------------------------------------------------
     @abc.abstractmethod
     def read(self, path: str) -> Sequence[Any]:
@@ -98,6 +125,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def head(self) -> tuple[str, int]:
         """The head this task needs on a shared trunk: ``(kind, num_labels)``."""
+
+    def label_overrides(self) -> dict[str, Any]:
+        """The model config's label fields for this task's head (``num_labels``, ``id2label``...);
+        none by default."""
+        return {}
 
     def model_inputs(self, model: Any, batch: Batch) -> dict[str, Any]:
         """The model's keyword arguments for ``batch``: its token ids, masks and token types."""
@@ -138,6 +170,61 @@ class Task(abc.ABC):
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state`."""
 
+    # -- predictions (jaxloss-train predict) --------------------------------------------------
+    def check_predictable(self, run_dir: str | Path) -> None:
+        """Refuses (``ValueError``) a task without a prediction per input, naming what the run
+        ``run_dir`` offers instead; every input has one by default."""
+
+    def encode_inputs(self, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+        """Features to predict on (records of :meth:`read_inputs`), one per record, each marked
+        ``truncated`` when cut to ``max_length``: the evaluation features by default."""
+        return list(self.encode(tokenizer, records, training=False))
+
+    def predictor(self, model: Any) -> Callable[[Batch], dict[str, Array]]:
+        """What runs on each padded batch of inputs, giving the per-row arrays that
+        :meth:`prediction` reads: by default the model's forward pass and
+        :meth:`prediction_outputs`, jitted."""
+        from train.step import forward  # train.step imports this module
+
+        return jax.jit(lambda batch: self.prediction_outputs(forward(model, self, batch), batch))
+
+    def prediction_outputs(self, output: Any, batch: Batch) -> dict[str, Array]:
+        """The per-row arrays a prediction is read from (inside ``jit``): the head's logits by default."""
+        return {"logits": output.logits}
+
+    def prediction(self, record: Any, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                   tokenizer: Any) -> dict[str, Any]:
+        """The JSON object of one input: from its record, its row of :meth:`predictor`'s outputs
+        and its row of the padded inputs."""
+        raise NotImplementedError(f"task {self.name!r}: a {self.kind} task has no prediction per input")
+
+
+def encode_table_inputs(task: Task, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+    """``task``'s evaluation features of table records (a text, or a pair in one sequence),
+    each marked ``truncated`` where the untruncated encoding is longer (:meth:`Task.encode_inputs`)."""
+    features = list(task.encode(tokenizer, records, training=False))
+    texts, pairs = [r.text for r in records], [r.text_pair for r in records]
+    full = tokenizer(texts, **({} if pairs[0] is None else {"text_pair": pairs}), verbose=False)["input_ids"]
+    for feature, ids in zip(features, full):
+        feature["truncated"] = len(ids) > len(feature["input_ids"])
+    return features
+
+
+def pair_field(record: Any) -> dict[str, str]:
+    """A table record's second text as a prediction's ``text_pair`` field (none for a single text)."""
+    return {} if getattr(record, "text_pair", None) is None else {"text_pair": record.text_pair}
+
+
+def spec_arguments(spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> dict[str, Any]:
+    """The constructor arguments every task takes from its spec: its name, data files (none
+    without ``with_files``), format, columns and ``max_length`` (the run's unless the spec sets one)."""
+    return dict(
+        name=spec.name, train_file=spec.train_file if with_files else None,
+        eval_file=spec.eval_file if with_files else None, format=spec.format,
+        text_column=spec.text_column, text_pair_column=spec.text_pair_column, label_column=spec.label_column,
+        max_length=spec.max_length or config.max_length,
+    )
+
 
 def read_table_texts(task: Task, path: str, fmt: str) -> Any:
     """The text column(s) of the table ``path`` (format ``fmt``) named by ``task``'s columns,
@@ -147,6 +234,19 @@ def read_table_texts(task: Task, path: str, fmt: str) -> Any:
     text, pair = column(task.text_column), column(task.text_pair_column)
     header = not all(isinstance(c, int) for c in (text, pair) if c is not None)
     return read_table(path, format=fmt, header=header, text_column=text, text_pair_column=pair, label_column=None)
+
+
+def label_config(labels: Sequence[str]) -> dict[str, Any]:
+    """A model config's label fields for a head over the class names ``labels`` (none if there are none).
+
+    Example:
+      >>> label_config(["neg", "pos"])
+      {'num_labels': 2, 'id2label': {'0': 'neg', '1': 'pos'}, 'label2id': {'neg': 0, 'pos': 1}}
+    """
+    if not labels:
+        return {}
+    return {"num_labels": len(labels), "id2label": {str(i): l for i, l in enumerate(labels)},
+            "label2id": {l: i for i, l in enumerate(labels)}}
 
 
 def evaluation_label_ids(task: str, labels: Sequence[str],

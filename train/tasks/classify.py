@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 import jaxloss
 from train import metrics
-from train.data.records import Records, TextExample
+from train.data.records import DataError, Records, TextExample
 from train.data.table import read_table
 from train.data.text import read_text
-from train.data.tokenization import encode_texts
-from train.tasks.base import (Batch, Task, column, evaluation_label_ids, example_count, infer_format, read_table_texts,
-                              table_texts)
+from train.data.tokenization import Feature, note_truncated
+from train.tasks.base import (Batch, Task, column, encode_table_inputs, evaluation_label_ids, example_count,
+                              infer_format, label_config, pair_field, read_table_texts, spec_arguments, table_texts)
+
+if TYPE_CHECKING:
+    from train.config import TaskSpec, TrainConfig
 
 
 @dataclasses.dataclass
 class ClassifyTask(Task):
     """Labels are class names; their order is learned from the training file (sorted)."""
 
+    architecture = "BertForSequenceClassification"
     labels: list[str] = dataclasses.field(default_factory=list)
     # evaluation: the labels, then those of the evaluation data that training never saw
     eval_labels: list[str] = dataclasses.field(default_factory=list)
@@ -30,6 +34,11 @@ class ClassifyTask(Task):
         self.kind = "classify"
         self.term_kind = "classification"
         self.main_metric = "accuracy"
+
+    @classmethod
+    def from_spec(cls, spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> ClassifyTask:
+        """With the run's label smoothing."""
+        return cls(**spec_arguments(spec, config, with_files=with_files), label_smoothing=config.label_smoothing)
 
     def read(self, path: str) -> Sequence[Any]:
         fmt = infer_format(path, self.format, "label_first")
@@ -73,6 +82,9 @@ class ClassifyTask(Task):
     def head(self) -> tuple[str, int]:
         return ("sequence_classification", len(self.labels))
 
+    def label_overrides(self) -> dict[str, Any]:
+        return label_config(self.labels)
+
     def loss(self, output: Any, batch: Batch) -> jaxloss.SumCount:
         return jaxloss.cross_entropy(
             output.logits, batch["labels"], where=batch["example_mask"],
@@ -96,6 +108,19 @@ class ClassifyTask(Task):
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.labels = list(state["labels"])
 
+    def encode_inputs(self, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+        return encode_table_inputs(self, tokenizer, records)
+
+    def prediction(self, record: Any, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                   tokenizer: Any) -> dict[str, Any]:
+        """``{"line", "text", "label", "scores"}``: the likeliest class, and each class's softmax probability."""
+        logits = np.asarray(outputs["logits"], np.float64)
+        probs = np.exp(logits - logits.max())
+        probs = probs / probs.sum()
+        return {"line": record.line, "text": record.text, **pair_field(record),
+                "label": self.labels[int(np.argmax(logits))],
+                "scores": {label: round(float(p), 6) for label, p in zip(self.labels, probs)}}
+
 
 def _gather_rows(
     predictions: list[dict[str, np.ndarray]], batches: list[dict[str, np.ndarray]], pred_key: str, gold_key: str
@@ -107,3 +132,48 @@ def _gather_rows(
         preds.append(np.asarray(p[pred_key])[keep])
         golds.append(np.asarray(b[gold_key])[keep])
     return np.concatenate(preds), np.concatenate(golds)
+
+
+def encode_texts(
+    tokenizer,
+    examples: Sequence[TextExample],
+    *,
+    max_length: int,
+    label_to_id: Mapping[str, int] | None = None,
+) -> Records[Feature]:
+    """Tokenize texts or text pairs with their labels.
+
+    A class label (a string) becomes ``labels = label_to_id[label]`` (an int); a float
+    label (regression) is kept as a float; an example without a label gets no
+    ``labels``. Longer inputs are truncated (pairs: longest first) and counted.
+    """
+    out: Records[Feature] = Records()
+    counts = out.counts
+    if not examples:
+        return out
+    pairs = [e.text_pair is not None for e in examples]
+    if any(pairs) and not all(pairs):
+        raise ValueError("examples mix single texts and text pairs")
+    texts = [e.text for e in examples]
+    kwargs: dict[str, Any] = dict(truncation=True, max_length=max_length)
+    if all(pairs):
+        kwargs["text_pair"] = [e.text_pair for e in examples]
+    enc = tokenizer(texts, **kwargs)
+    # untruncated lengths, only to count truncations (verbose=False: no length warning)
+    full = tokenizer(texts, verbose=False, **{k: v for k, v in kwargs.items() if k == "text_pair"})
+    truncated = 0
+    for k, e in enumerate(examples):
+        feat = {name: list(enc[name][k]) for name in enc.keys()}
+        truncated += len(full["input_ids"][k]) > len(feat["input_ids"])
+        if isinstance(e.label, float):
+            feat["labels"] = e.label
+        elif e.label is not None:
+            if label_to_id is None:
+                raise ValueError("class labels need label_to_id")
+            if e.label not in label_to_id:
+                raise DataError(e.source, e.line, f"unknown label {e.label!r} (not in the label "
+                                                  f"map {sorted(label_to_id)})")
+            feat["labels"] = label_to_id[e.label]
+        out.append(feat)
+    note_truncated(counts, truncated, "texts", max_length)
+    return out

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 import jaxloss
-from train.data.tokenization import encode_lm
 from train.tasks.base import Batch, fused_token_loss
-from train.tasks.text import TextTask
+from train.tasks.text import TextTask, encode_lm
 
 
 @dataclasses.dataclass
 class LmTask(TextTask):
     """Next-token prediction; the model head is causal (a decoder, or a causal head on a shared trunk)."""
+
+    family = "decoder"
+    vocabulary_loss = True
 
     def __post_init__(self) -> None:
         self.kind = "lm"
@@ -60,3 +62,29 @@ class LmTask(TextTask):
         count = float(sum(float(p["count"]) for p in predictions))
         mean = total / count if count else float("nan")
         return {"perplexity": math.exp(mean) if count else float("nan"), "nll": mean}
+
+    def encode_inputs(self, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+        """Each line on its own, after the end-of-text token (a text begins after a separator),
+        cut to ``max_length`` tokens."""
+        start = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        features = []
+        for record in records:
+            ids = start + tokenizer(record.text, add_special_tokens=False, verbose=False)["input_ids"]
+            kept = ids[: self.max_length]
+            features.append({"input_ids": kept, "attention_mask": [1] * len(kept),
+                             "truncated": len(ids) > self.max_length})
+        return features
+
+    def prediction_outputs(self, output: Any, batch: Batch) -> dict[str, jnp.ndarray]:
+        """Each row's log-likelihood and its number of predicted tokens."""
+        mask = batch["attention_mask"]
+        nll = jaxloss.causal_lm_loss(output.logits.astype(jnp.float32), batch["input_ids"], attention_mask=mask,
+                                     reduction="none")
+        return {"log_likelihood": -jnp.sum(nll, axis=-1), "tokens": jnp.sum(mask[:, 1:], axis=-1)}
+
+    def prediction(self, record: Any, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                   tokenizer: Any) -> dict[str, Any]:
+        """``{"line", "text", "tokens", "log_likelihood", "perplexity"}`` (natural log)."""
+        tokens, log_likelihood = int(outputs["tokens"]), float(outputs["log_likelihood"])
+        return {"line": record.line, "text": record.text, "tokens": tokens, "log_likelihood": round(log_likelihood, 6),
+                "perplexity": round(math.exp(-log_likelihood / tokens), 6) if tokens else None}

@@ -23,14 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxloss
-from train.data.tokenization import IGNORE_INDEX, encode_lm
+from train.data.tokenization import IGNORE_INDEX
 from train.tasks.base import Batch, fused_token_loss, token_count
-from train.tasks.text import TextTask
+from train.tasks.text import TextTask, encode_lm
 
 
 @dataclasses.dataclass
 class MlmTask(TextTask):
     """Masked-token prediction with a head tied to the input embeddings."""
+
+    architecture = "BertForMaskedLM"
+    vocabulary_loss = True
 
     mask_probability: float = 0.15
     mask_token_id: int = -1
@@ -66,6 +69,11 @@ class MlmTask(TextTask):
 
     def head(self) -> tuple[str, int]:
         return ("mlm", 0)
+
+    def check_predictable(self, run_dir: Any) -> None:
+        """A masked language model has no prediction per input: its perplexity is what it gives."""
+        raise ValueError(f"task {self.name!r} is a masked language model, which has no prediction per input; "
+                         f"`jaxloss-train evaluate {run_dir} FILE` gives its perplexity on a text file")
 
     def max_predictions(self, length: int) -> int:
         """The most chosen positions a row of ``length`` tokens holds: ``ceil(1.5 p length)``."""

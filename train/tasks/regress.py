@@ -14,17 +14,22 @@ A pair is encoded one of two ways (``pair_encoding``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 import jaxloss
 from train import metrics
+from train.data.records import DataError, Records, TextExample
 from train.data.table import read_table
-from train.data.tokenization import encode_text_pairs_apart, encode_texts
-from train.tasks.base import Batch, Task, column, example_count, infer_format, read_table_texts, table_texts
-from train.tasks.classify import _gather_rows
+from train.data.tokenization import Feature
+from train.tasks.base import (Batch, Task, column, encode_table_inputs, example_count, infer_format, pair_field,
+                              read_table_texts, spec_arguments, table_texts)
+from train.tasks.classify import _gather_rows, encode_texts
+
+if TYPE_CHECKING:
+    from train.config import TaskSpec, TrainConfig
 
 PAIR_ENCODINGS = ("cross", "siamese")
 
@@ -36,6 +41,9 @@ class RegressTask(Task):
     pair_encoding: str = "cross"  # how a text pair is encoded: cross | siamese (see the module docstring)
     score_range: tuple[float, float] | None = None  # siamese: (lo, hi) of the training scores
 
+    pair_encodings = PAIR_ENCODINGS
+    architecture = "BertForSequenceClassification"
+
     def __post_init__(self) -> None:
         if self.pair_encoding not in PAIR_ENCODINGS:
             raise ValueError(f"task {self.name!r}: pair_encoding={self.pair_encoding!r} is not one of {PAIR_ENCODINGS}")
@@ -45,6 +53,11 @@ class RegressTask(Task):
         self.kind = "regress"
         self.term_kind = "regression"
         self.main_metric = "pearson"
+
+    @classmethod
+    def from_spec(cls, spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> RegressTask:
+        """With the spec's ``pair_encoding``."""
+        return cls(**spec_arguments(spec, config, with_files=with_files), pair_encoding=spec.pair_encoding)
 
     def read(self, path: str) -> Sequence[Any]:
         fmt = infer_format(path, self.format, "tsv")
@@ -96,6 +109,9 @@ class RegressTask(Task):
     def head(self) -> tuple[str, int]:
         return ("pair_similarity", 1) if self.pair_encoding == "siamese" else ("regression", 1)
 
+    def label_overrides(self) -> dict[str, Any]:
+        return {"num_labels": 1, "problem_type": "regression"}
+
     def model_inputs(self, model: Any, batch: Batch) -> dict[str, Any]:
         """Siamese: the first texts, then the second texts, as one batch of ``2B`` rows."""
         if self.pair_encoding != "siamese":
@@ -124,3 +140,45 @@ class RegressTask(Task):
     def load_state(self, state: Mapping[str, Any]) -> None:
         if "score_range" in state:
             self.score_range = (float(state["score_range"][0]), float(state["score_range"][1]))
+
+    def encode_inputs(self, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+        """Siamese: a pair is ``truncated`` when either of its texts was cut."""
+        if self.pair_encoding != "siamese":
+            return encode_table_inputs(self, tokenizer, records)
+        features = list(self.encode(tokenizer, records, training=False))
+        first = tokenizer([r.text for r in records], verbose=False)["input_ids"]
+        second = tokenizer([r.text_pair for r in records], verbose=False)["input_ids"]
+        for a, b, feature in zip(first, second, features):
+            feature["truncated"] = len(a) > len(feature["input_ids"]) or len(b) > len(feature["pair_input_ids"])
+        return features
+
+    def prediction(self, record: Any, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                   tokenizer: Any) -> dict[str, Any]:
+        """``{"line", "text", "score"}``."""
+        logits = np.asarray(outputs["logits"], np.float64)
+        return {"line": record.line, "text": record.text, **pair_field(record),
+                "score": float(self.scores(logits[None])[0])}
+
+
+def encode_text_pairs_apart(tokenizer, examples: Sequence[TextExample], *, max_length: int) -> Records[Feature]:
+    """Tokenize the two texts of each pair on their own (for a siamese model).
+
+    A feature holds ``input_ids`` / ``attention_mask`` of the first text, ``pair_input_ids`` /
+    ``pair_attention_mask`` of the second, and the pair's label as :func:`encode_texts` keeps
+    it (numbers only). Each text is cut to ``max_length`` tokens; truncations are counted.
+    """
+    missing = next((e for e in examples if e.text_pair is None), None)
+    if missing is not None:
+        raise DataError(missing.source, missing.line, "a siamese encoding needs text pairs; this row has no "
+                                                       "second text (--text-pair-column)")
+    first = encode_texts(tokenizer, [dataclasses.replace(e, text_pair=None) for e in examples], max_length=max_length)
+    second = encode_texts(tokenizer, [dataclasses.replace(e, text=e.text_pair, text_pair=None, label=None)
+                                      for e in examples], max_length=max_length)
+    out: Records[Feature] = Records(counts=first.counts + second.counts)
+    for a, b in zip(first, second):
+        feat = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"],
+                "pair_input_ids": b["input_ids"], "pair_attention_mask": b["attention_mask"]}
+        if "labels" in a:
+            feat["labels"] = a["labels"]
+        out.append(feat)
+    return out

@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import sys
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,8 +33,11 @@ import jaxloss
 from train import metrics
 from train.data.records import DataError, ParallelExample, Records, open_text
 from train.data.text import read_parallel, read_parallel_jsonl, read_text
-from train.data.tokenization import IGNORE_INDEX, encode_pairs, note_truncated
-from train.tasks.base import Batch, Task, fused_token_loss, infer_format
+from train.data.tokenization import IGNORE_INDEX, Feature, note_truncated
+from train.tasks.base import Batch, Task, fused_token_loss, infer_format, spec_arguments
+
+if TYPE_CHECKING:
+    from train.config import TaskSpec, TrainConfig
 
 logger = logging.getLogger("train")
 
@@ -89,6 +92,10 @@ class Seq2SeqTask(Task):
     max_new_tokens: int | None = None  # longest generated output (default: max_length)
     num_beams: int = 1  # beams of evaluation decoding (1: greedy)
 
+    own_model = "an encoder-decoder"
+    family = "seq2seq"
+    vocabulary_loss = True
+
     def __post_init__(self) -> None:
         self.kind = "seq2seq"
         self.term_kind = "classification"
@@ -96,6 +103,14 @@ class Seq2SeqTask(Task):
         self.greater_is_better = True
         self._tokenizer: Any = None
         self._eval_records: Sequence[ParallelExample] = ()
+
+    @classmethod
+    def from_spec(cls, spec: TaskSpec, config: TrainConfig, *, with_files: bool = True) -> Seq2SeqTask:
+        """With the run's label smoothing and decoding settings, and the spec's target files."""
+        targets = dict(train_target_file=spec.train_target_file, eval_target_file=spec.eval_target_file) if with_files \
+            else {}
+        return cls(**spec_arguments(spec, config, with_files=with_files), label_smoothing=config.label_smoothing,
+                   max_new_tokens=config.max_new_tokens, num_beams=config.num_beams, **targets)
 
     # -- data ---------------------------------------------------------------------------------
     def target_file(self, path: str) -> str:
@@ -131,6 +146,9 @@ class Seq2SeqTask(Task):
                     out.append(ParallelExample(str(text), "", path, lineno))
             return out
         return Records(ParallelExample(c.text, "", c.source, c.line) for c in read_text(path, unit="line"))
+
+    def read_inputs(self, path: str) -> Sequence[Any]:
+        return self.read_sources(path)
 
     def texts(self, records: Sequence[Any]) -> Iterable[str]:
         for r in records:
@@ -222,3 +240,48 @@ class Seq2SeqTask(Task):
         for src, ref, hyp in list(zip(sources, references, hypotheses))[:SAMPLES_LOGGED]:
             logger.info("%s sample\n  source:    %s\n  reference: %s\n  output:    %s", self.name, src, ref, hyp)
         return out
+
+    # -- predictions --------------------------------------------------------------------------
+    def encode_inputs(self, tokenizer: Any, records: Sequence[Any]) -> list[dict[str, Any]]:
+        """Each source's token ids (:meth:`encode_source`)."""
+        return [{"input_ids": ids, "attention_mask": [1] * len(ids)}
+                for ids in (self.encode_source(tokenizer, r.source_text) for r in records)]
+
+    def predictor(self, model: Any) -> Callable[[Batch], dict[str, jnp.ndarray]]:
+        """Decoding (:meth:`generate`, jitted within) of the batch's sources."""
+        return lambda batch: self.generate(model, {k: batch[k] for k in ("input_ids", "attention_mask")})
+
+    def prediction(self, record: Any, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                   tokenizer: Any) -> dict[str, Any]:
+        """``{"line", "source", "prediction"}``: the decoded output."""
+        text, = decode_generated(tokenizer, np.asarray(outputs["generated"])[None], [tokenizer.eos_token_id])
+        return {"line": record.line, "source": record.source_text, "prediction": text}
+
+
+def encode_pairs(
+    tokenizer,
+    examples: Sequence[ParallelExample],
+    *,
+    max_source_length: int,
+    max_target_length: int,
+) -> Records[Feature]:
+    """Tokenize sequence-to-sequence pairs: ``input_ids`` / ``attention_mask`` from the
+    source, ``labels`` (target ids) from the target; truncations are counted."""
+    out: Records[Feature] = Records()
+    counts = out.counts
+    if not examples:
+        return out
+    src = tokenizer([e.source_text for e in examples], verbose=False)
+    tgt = tokenizer([e.target_text for e in examples], verbose=False)
+    cut_s = cut_t = 0
+    for k in range(len(examples)):
+        ids, mask = list(src["input_ids"][k]), list(src["attention_mask"][k])
+        labels = list(tgt["input_ids"][k])
+        cut_s += len(ids) > max_source_length
+        cut_t += len(labels) > max_target_length
+        out.append({"input_ids": ids[:max_source_length],
+                    "attention_mask": mask[:max_source_length],
+                    "labels": labels[:max_target_length]})
+    note_truncated(counts, cut_s, "sources", max_source_length)
+    note_truncated(counts, cut_t, "targets", max_target_length)
+    return out
