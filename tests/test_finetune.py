@@ -120,3 +120,34 @@ def test_second_run_takes_every_program_from_the_compile_cache(tmp_path):
     assert second["compile_executable_cache_hits"] >= 2  # the train step and the eval step, at least
     assert second["compile_cache_hits"] + second["compile_executable_cache_hits"] >= first["compile_cache_misses"]
     assert second["compile_trace_seconds"] < first["compile_trace_seconds"]
+
+
+def test_a_program_loaded_from_jax_cache_is_not_written_to_the_executable_cache(tmp_path):
+    """XLA:CPU writes a program that JAX's persistent cache loaded without its functions' code:
+    such a program must not reach the executable cache, or the run after would fail."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_train_e2e import _ner_data
+
+    cache = tmp_path / "jax-cache"
+    train, dev = _ner_data(tmp_path, 48, 0), _ner_data(tmp_path, 16, 1)
+
+    def run(name: str) -> dict:
+        out = tmp_path / name
+        args = ["ner", "--train-file", train, "--eval-file", dev, "--output-dir", str(out), "--model-size", "micro",
+                "--batch-size", "16", "--max-length", "32", "--vocab-size", "300", "--max-steps", "3", "--no-progress",
+                "--compile-cache", str(cache)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((out / "timing.json").read_text())
+
+    run("compiled")
+    for entry in (cache / "executables").glob("*.pkl"):
+        entry.unlink()  # JAX's cache keeps the programs; the executable cache starts empty
+    loaded = run("from-jax-cache")
+    assert loaded["compile_cache_misses"] == 0 and list((cache / "executables").glob("*.pkl")) == []
+    after = run("after")  # JAX's cache again: nothing broken was written, so nothing broken is loaded
+    assert after["compile_cache_misses"] == 0

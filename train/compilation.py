@@ -87,6 +87,9 @@ class _Totals:
     executable_hits: int = 0
 
 
+_this_thread = threading.local()
+
+
 class CompileStats:
     """Running totals of JAX's compile events in this process (one listener, registered once)."""
 
@@ -120,6 +123,8 @@ class CompileStats:
 
     @classmethod
     def _on_event(cls, event: str, **_: Any) -> None:
+        if event == _HIT:  # recorded in the thread that compiles the program
+            _this_thread.loaded_from_persistent_cache = True
         with cls._lock:
             if event == _HIT:
                 cls._totals.hits += 1
@@ -299,11 +304,13 @@ class CompiledSteps:
         self.flops[key] = jaxpr_flops(traced.jaxpr)
         return [(self, key, traced.lower())]
 
-    def add(self, key: tuple, executable: Any) -> None:
-        """Keeps the compiled program of ``key`` (and writes it to the cache, if any)."""
+    def add(self, key: tuple, executable: Any, *, compiled_here: bool = True) -> None:
+        """Keeps the compiled program of ``key``, and writes it to the cache, if any, when it was
+        compiled in this process: XLA:CPU serializes a program that JAX's persistent cache
+        loaded without the code of its functions, so such a program is not written again."""
         self.executables[key] = executable
         path = self._cache_paths.pop(key, None)
-        if path is not None and self.cache is not None:
+        if path is not None and self.cache is not None and compiled_here:
             self.cache.store(path, executable, self.flops[key])
 
     def peak_memory_bytes(self) -> int | None:
@@ -338,8 +345,16 @@ def compile_all(pending: list[tuple[CompiledSteps, tuple, Any]], workers: int | 
     releases the GIL), storing each executable in its :class:`CompiledSteps`."""
     if not pending:
         return
+    CompileStats.start()  # its listener tells a program compiled here from one JAX's cache loaded
     workers = workers or min(len(pending), os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        compiled = list(pool.map(lambda item: item[2].compile(), pending))
-    for (steps, key, _), executable in zip(pending, compiled):
-        steps.add(key, executable)
+        compiled = list(pool.map(lambda item: _compile(item[2]), pending))
+    for (steps, key, _), (executable, compiled_here) in zip(pending, compiled):
+        steps.add(key, executable, compiled_here=compiled_here)
+
+
+def _compile(lowered: Any) -> tuple[Any, bool]:
+    """The compiled program, and whether it was compiled here (not loaded from JAX's cache)."""
+    _this_thread.loaded_from_persistent_cache = False
+    executable = lowered.compile()
+    return executable, not _this_thread.loaded_from_persistent_cache
