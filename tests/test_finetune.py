@@ -89,30 +89,31 @@ def test_short_finetuning_beats_the_baseline_only_with_the_loaded_weights(minilm
     assert "model: minilm" in config and "learning_rate: 5.0e-05" in config  # the fine-tuning default
 
 
-def test_second_run_takes_every_program_from_the_compile_cache(tmp_path):
-    """Two runs of one job, each a process of its own as a user's would be: the second compiles
-    nothing, and loads its train and eval steps without tracing them."""
+def _micro_run(task: str, train: str, dev: str, out: Path, cache: Path) -> dict:
+    """A 3-step micro-model run of ``task`` in a process of its own, as a user's would be, with
+    the compile cache in ``cache``: its ``timing.json`` and its logged training losses."""
     import os
     import subprocess
     import sys
 
+    args = [task, "--train-file", train, "--eval-file", dev, "--output-dir", str(out), "--model-size", "micro",
+            "--batch-size", "16", "--max-length", "32", "--vocab-size", "300", "--max-steps", "3", "--no-progress",
+            "--compile-cache", str(cache)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads(line).get("train/loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {**json.loads((out / "timing.json").read_text()), "losses": losses}
+
+
+def test_second_run_takes_every_program_from_the_compile_cache(tmp_path):
+    """Two runs of one job, each a process of its own: the second compiles nothing, and loads
+    its train and eval steps without tracing them."""
     from tests.test_train_e2e import _classify_data
 
     cache = tmp_path / "jax-cache"
     train, dev = _classify_data(tmp_path, 64, 0), _classify_data(tmp_path, 32, 1)
-
-    def run(name: str) -> dict:
-        out = tmp_path / name
-        args = ["classify", "--train-file", train, "--eval-file", dev, "--output-dir", str(out), "--model-size", "micro",
-                "--batch-size", "16", "--max-length", "32", "--vocab-size", "300", "--max-steps", "3", "--no-progress",
-                "--compile-cache", str(cache)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-        proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        losses = [json.loads(line).get("train/loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return {**json.loads((out / "timing.json").read_text()), "losses": losses}
-
-    first, second = run("first"), run("second")
+    first, second = (_micro_run("classify", train, dev, tmp_path / name, cache) for name in ("first", "second"))
     assert second["losses"] == first["losses"]  # the loaded programs compute what the compiled ones did
     assert first["compile_cache_misses"] > 0 and first["compile_cache"] == str(cache)
     assert second["compile_cache_misses"] == 0
@@ -125,29 +126,14 @@ def test_second_run_takes_every_program_from_the_compile_cache(tmp_path):
 def test_a_program_loaded_from_jax_cache_is_not_written_to_the_executable_cache(tmp_path):
     """XLA:CPU writes a program that JAX's persistent cache loaded without its functions' code:
     such a program must not reach the executable cache, or the run after would fail."""
-    import os
-    import subprocess
-    import sys
-
     from tests.test_train_e2e import _ner_data
 
     cache = tmp_path / "jax-cache"
     train, dev = _ner_data(tmp_path, 48, 0), _ner_data(tmp_path, 16, 1)
-
-    def run(name: str) -> dict:
-        out = tmp_path / name
-        args = ["ner", "--train-file", train, "--eval-file", dev, "--output-dir", str(out), "--model-size", "micro",
-                "--batch-size", "16", "--max-length", "32", "--vocab-size", "300", "--max-steps", "3", "--no-progress",
-                "--compile-cache", str(cache)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-        proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads((out / "timing.json").read_text())
-
-    run("compiled")
+    _micro_run("ner", train, dev, tmp_path / "compiled", cache)
     for entry in (cache / "executables").glob("*.pkl"):
         entry.unlink()  # JAX's cache keeps the programs; the executable cache starts empty
-    loaded = run("from-jax-cache")
+    loaded = _micro_run("ner", train, dev, tmp_path / "from-jax-cache", cache)
     assert loaded["compile_cache_misses"] == 0 and list((cache / "executables").glob("*.pkl")) == []
-    after = run("after")  # JAX's cache again: nothing broken was written, so nothing broken is loaded
+    after = _micro_run("ner", train, dev, tmp_path / "after", cache)  # nothing broken was written, so none is loaded
     assert after["compile_cache_misses"] == 0
