@@ -18,6 +18,7 @@ import jaxloss  # noqa: E402
 from train.models import load_pretrained  # noqa: E402
 from train.models.lora import (  # noqa: E402
     LoraConfig,
+    adapter_tensors,
     add_lora,
     load_adapter,
     merge_lora,
@@ -330,14 +331,25 @@ def test_lora_options_are_checked_before_anything_runs():
 
 @pytest.mark.slow
 def test_scanned_layers_with_adapters_give_the_looped_values_and_gradients(tmp_path):
+    """Adapters on stacked layers (stacked too): a looped model's adapter loads into a stacked
+    model, which gives the looped loss and gradients, saves the same peft tensors and merges
+    into the same weights."""
+    from train.models import state_dict
+    from train.models.stack import LayerStack
+
     _gpt2(tmp_path)
     batch = {k: jnp.asarray(v) for k, v in _batch(types=False).items()}
+    config = LoraConfig(rank=2, targets=("c_attn", "c_fc"))
+    looped = load_pretrained(tmp_path / "base")
+    add_lora(looped, config, nnx.Rngs(0))
+    _randomise_adapters(looped)
+    save_adapter(looped, config, tmp_path / "adapter")
+    scanned = load_pretrained(tmp_path / "base", scan_layers=True)
+    load_adapter(scanned, tmp_path / "adapter")
+    assert isinstance(scanned.layers, LayerStack)
+    assert scanned.layers.layer.mlp.up.lora.lora_a.shape == (len(scanned.layers),) + looped.layers[0].mlp.up.lora.lora_a.shape
     results = []
-    for scan in (False, True):
-        model = load_pretrained(tmp_path / "base", scan_layers=scan)
-        config = LoraConfig(rank=2, targets=("c_attn", "c_fc"))
-        add_lora(model, config, nnx.Rngs(0))
-        _randomise_adapters(model)
+    for model in (looped, scanned):
         graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
 
         def loss_of(params):
@@ -345,9 +357,16 @@ def test_scanned_layers_with_adapters_give_the_looped_values_and_gradients(tmp_p
             return jaxloss.causal_lm_loss(model(**batch).logits, batch["input_ids"])
 
         value, grads = jax.jit(jax.value_and_grad(loss_of))(params)
-        results.append((float(value), {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}))
-    (looped, looped_grads), (scanned, scanned_grads) = results
-    np.testing.assert_allclose(scanned, looped, rtol=1e-6)
-    assert looped_grads.keys() == scanned_grads.keys()
-    for path, g in looped_grads.items():
-        np.testing.assert_allclose(scanned_grads[path], g, rtol=1e-5, atol=1e-7, err_msg=str(path))
+        saved = adapter_tensors(model, config)
+        nnx.update(model, grads)  # the gradients in the adapters' places, named as peft names them
+        results.append((float(value), saved, adapter_tensors(model, config)))
+    (looped_value, looped_saved, looped_grads), (scanned_value, scanned_saved, scanned_grads) = results
+    np.testing.assert_allclose(scanned_value, looped_value, rtol=1e-6)
+    assert looped_saved.keys() == scanned_saved.keys() == looped_grads.keys() == scanned_grads.keys()
+    for name in looped_saved:
+        np.testing.assert_array_equal(scanned_saved[name], looped_saved[name], err_msg=name)
+        np.testing.assert_allclose(scanned_grads[name], looped_grads[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert merge_lora(looped) == merge_lora(scanned) > 0
+    merged, scanned_merged = state_dict(looped), state_dict(scanned)
+    for name in merged:
+        np.testing.assert_allclose(scanned_merged[name], merged[name], rtol=1e-6, atol=1e-7, err_msg=name)

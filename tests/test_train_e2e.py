@@ -349,3 +349,34 @@ def test_sigterm_saves_and_exits_143_not_0(tmp_path):
     done = subprocess.run([*args, "--max-steps", str(stopped_at + 2)], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["final_step"] == stopped_at + 2
+
+
+def test_scan_layers_trains_like_the_loop_sharded_and_saves_hugging_face_names(tmp_path):
+    """--scan-layers on a 2 x 2 (fsdp x tensor) mesh: the stacked layers' steps give the loop's
+    losses, the run's model/ loads in transformers, and predict reads it."""
+    import torch
+    from transformers import AutoModelForTokenClassification, BertConfig, BertForMaskedLM
+
+    from train.data.tokenization import train_tokenizer
+
+    train_file, eval_file = _ner_data(tmp_path, 96, 0), _ner_data(tmp_path, 16, 1)
+    checkpoint = tmp_path / "bert"
+    tokenizer = train_tokenizer([line.split("\t")[0] for line in Path(train_file).read_text().splitlines() if line],
+                                kind="wordpiece", vocab_size=200, save_dir=checkpoint)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(checkpoint)
+    losses = {}
+    for scan in ("loop", "scan"):
+        flags = ["--scan-layers"] if scan == "scan" else []
+        records = _train(tmp_path / scan, "ner", "--model", str(checkpoint), "--train-file", train_file,
+                         "--eval-file", eval_file, "--max-steps", "6", "--log-every", "1", "--mesh", "fsdp=2,tensor=2",
+                         "--learning-rate", "1e-3", *flags)
+        losses[scan] = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses["scan"]) == 6
+    np.testing.assert_allclose(losses["scan"], losses["loop"], rtol=2e-5)
+    run = tmp_path / "scan" / "run_ner"
+    reloaded = AutoModelForTokenClassification.from_pretrained(str(run / "model"))
+    assert reloaded.config.num_hidden_layers == 3 and "bert.encoder.layer.2.output.dense.weight" in reloaded.state_dict()
+    assert cli_main(["predict", str(run), _ner_data(tmp_path, 4, 2)]) == 0
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 4

@@ -41,7 +41,8 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
 
 
-def test_resumed_run_continues_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layers", ["looped", "scanned"])
+def test_resumed_run_continues_exactly(tmp_path, monkeypatch, layers):
     train_file, eval_file = _ner_data(tmp_path, 120, 0), _ner_data(tmp_path, 16, 1)
     # one tokenizer for both runs: WordPiece training in `tokenizers` breaks ties differently
     # from one call to the next, so two runs that each train their own differ from step 1
@@ -52,6 +53,7 @@ def test_resumed_run_continues_exactly(tmp_path, monkeypatch):
               "--tokenizer", str(tokenizer),
               "--batch-size", "16", "--max-length", "32", "--vocab-size", "300", "--log-every", "1",
               "--eval-every", "100", "--no-progress", "--max-steps", "16"]
+    common += ["--scan-layers"] if layers == "scanned" else []
     assert cli_main(common + ["--output-dir", str(tmp_path / "straight")]) == 0
 
     interrupted = tmp_path / "interrupted"

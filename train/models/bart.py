@@ -54,11 +54,11 @@ from train.models.layers import (
     causal_mask,
     default_position_ids,
     padding_mask,
-    run_layers,
     zeros_init,
 )
 from train.models.outputs import HFConfig, ModelOutput, OutputEmbedding, Runtime
 from train.models.partitioning import EMBED, POSITIONS, VOCAB
+from train.models.stack import layer_stack, run_layers
 
 #: BART's learned positions start at row 2 of the table (a fairseq convention).
 POSITION_OFFSET = 2
@@ -207,7 +207,7 @@ class _Stack(nnx.Module):
                                 if positions == "learned" else None)
         self.layernorm_embedding = LayerNorm(d, eps=1e-5, rngs=rngs, **kw) if layernorm_embedding else None
         self.dropout = nnx.Dropout(cfg.get("dropout", 0.1), rngs=rngs)
-        self.layers = nnx.List(layers)
+        self.layers = layer_stack(layers, rt.scan_layers)
 
     def embed(self, tokens: Array, positions: Array) -> Array:
         """``dropout(LN(tokens + position_table[p (+ 2)]))``; ``tokens`` already scaled, float32."""
@@ -259,7 +259,7 @@ class BartModel(nnx.Module):
     def __init__(self, cfg: Mapping[str, Any], rt: Runtime = Runtime(), *, rngs: nnx.Rngs):
         self.check_config(cfg)
         self.config = HFConfig(cfg)
-        self.remat, self.scan = rt.remat, rt.scan_layers
+        self.remat = rt.remat
         self.dtype = rt.compute
         d = cfg["d_model"]
         self.embed_scale = math.sqrt(d) if cfg.get("scale_embedding", False) else 1.0
@@ -285,7 +285,7 @@ class BartModel(nnx.Module):
             raise ValueError(f"input_ids has {ids.shape[1]} positions, max_position_embeddings is "
                              f"{self.encoder.max_positions}")
         x = self.encoder.embed(self._tokens(ids), default_position_ids(*ids.shape))
-        return run_layers(self.encoder.layers, x, padding_mask(mask), remat=self.remat, scan=self.scan)
+        return run_layers(self.encoder.layers, x, padding_mask(mask), remat=self.remat)
 
     def init_cache(self, encoder_hidden_states: Array, length: int) -> Cache:
         """A decoder cache for ``length`` target positions: per layer ``((keys, values), (cross keys, cross values))``,
@@ -332,7 +332,7 @@ class BartModel(nnx.Module):
         x = self.decoder.embed(self._tokens(ids), default_position_ids(B, T, index))
         new_cache = None if cache is None else []
         if cache is None:
-            x = run_layers(self.decoder.layers, x, self_mask, enc, cross_mask, remat=self.remat, scan=self.scan,
+            x = run_layers(self.decoder.layers, x, self_mask, enc, cross_mask, remat=self.remat,
                            call=lambda lyr, h, m, e, c: lyr(h, m, e, c)[0])
         else:
             for layer, layer_cache in zip(self.decoder.layers, cache):

@@ -44,10 +44,10 @@ from train.models.layers import (
     causal_mask,
     default_position_ids,
     padding_mask,
-    run_layers,
 )
 from train.models.outputs import HFConfig, ModelOutput, OutputEmbedding, Runtime
 from train.models.partitioning import EMBED, POSITIONS
+from train.models.stack import layer_stack, run_layers
 
 
 def _check_supported(cfg: Mapping[str, Any]) -> None:
@@ -120,9 +120,9 @@ class BertModel(nnx.Module):
                  rngs: nnx.Rngs):
         _check_supported(cfg)
         self.config = HFConfig(cfg)
-        self.remat, self.scan = rt.remat, rt.scan_layers
+        self.remat = rt.remat
         self.embeddings = BertEmbeddings(cfg, rt, rngs)
-        self.layers = nnx.List([_layer(cfg, rt, rngs) for _ in range(cfg["num_hidden_layers"])])
+        self.layers = layer_stack([_layer(cfg, rt, rngs) for _ in range(cfg["num_hidden_layers"])], rt.scan_layers)
         d = cfg["hidden_size"]
         self.pooler = (Linear(d, d, axes=(EMBED, EMBED), std=cfg.get("initializer_range", 0.02), rngs=rngs, **rt.kw())
                        if add_pooler else None)
@@ -137,7 +137,7 @@ class BertModel(nnx.Module):
         if causal:
             steps = jnp.arange(ids.shape[1])
             attend = attend & causal_mask(steps, steps)[None, None]
-        x = run_layers(self.layers, x, attend, remat=self.remat, scan=self.scan)
+        x = run_layers(self.layers, x, attend, remat=self.remat)
         pooled = None if self.pooler is None else jnp.tanh(self.pooler(x[:, 0], jnp.float32))
         return ModelOutput(logits=None, last_hidden_state=x, pooler_output=pooled)
 

@@ -43,10 +43,10 @@ from train.models.layers import (
     make_norm,
     padding_mask,
     rotary_cos_sin,
-    run_layers,
 )
 from train.models.outputs import HFConfig, ModelOutput, OutputEmbedding, Runtime
 from train.models.partitioning import EMBED, POSITIONS, VOCAB
+from train.models.stack import layer_stack, run_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,7 @@ class CausalLM(nnx.Module):
     def __init__(self, spec: DecoderSpec, rt: Runtime = Runtime(), *, config: dict | None = None, rngs: nnx.Rngs):
         self.spec = spec
         self.config = HFConfig(config or {})
-        self.remat, self.scan = rt.remat, rt.scan_layers
+        self.remat = rt.remat
         self.dtype = rt.compute
         kw = rt.kw()
         s = spec
@@ -126,7 +126,7 @@ class CausalLM(nnx.Module):
                 MLP(s.d_model, s.d_ff, act=s.act, gated=s.gated_mlp, use_bias=s.mlp_bias, dropout_rate=s.resid_dropout,
                     std=s.init_std, out_std=out_std, rngs=rngs, **kw),
                 dropout_rate=s.resid_dropout, rngs=rngs))
-        self.layers = nnx.List(layers)
+        self.layers = layer_stack(layers, rt.scan_layers)
         self.final_norm = make_norm(s.norm, s.d_model, eps=s.norm_eps, rngs=rngs, **kw)
         self.lm_head = (None if s.tie_word_embeddings else
                         Linear(s.d_model, s.vocab_size, axes=(EMBED, VOCAB), use_bias=False, std=s.init_std, rngs=rngs, **kw))
@@ -204,7 +204,7 @@ class CausalLM(nnx.Module):
         rotary = rotary_cos_sin(pos, self.spec.head_dim, self.spec.rope_theta) if self.spec.positions == "rotary" else None
         new_cache = None if cache is None else []
         if cache is None:
-            x = run_layers(self.layers, x, mask, rotary, remat=self.remat, scan=self.scan,
+            x = run_layers(self.layers, x, mask, rotary, remat=self.remat,
                            call=lambda lyr, h, m, r: lyr(h, m, r)[0])
         else:
             for layer, layer_cache in zip(self.layers, cache):

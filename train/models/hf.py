@@ -42,6 +42,7 @@ from flax import nnx
 from train.models import bart, bert, gpt2, llama, marian
 from train.models.mapping import TensorMap
 from train.models.outputs import Runtime
+from train.models.stack import locate, stack_depths, unstacked
 
 log = logging.getLogger(__name__)
 
@@ -243,21 +244,32 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, strict
             parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:10])}"
                          + (" ..." if len(unexpected) > 10 else ""))
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    depths = stack_depths(model)
+    rows: dict[tuple, np.ndarray] = {}  # stacked parameters, written row by row on the host, then set once
     loaded = []
     for m in maps:
         if m.name not in tensors:
             continue
         tensor = np.asarray(tensors[m.name])
-        vars_ = [params[p] for p in m.paths]
-        expected = m.torch_shape([v[...].shape for v in vars_])
+        places = [locate(p, depths) for p in m.paths]
+        shapes = [params[path][...].shape[0 if row is None else 1:] for path, row in places]
+        expected = m.torch_shape(shapes)
         if tuple(tensor.shape) != expected:
             raise CheckpointError(f"{source}: tensor {m.name!r} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {expected}")
         if not np.issubdtype(tensor.dtype, np.floating):
             raise CheckpointError(f"{source}: tensor {m.name!r} has dtype {tensor.dtype}, expected floating point")
-        for var, value in zip(vars_, m.to_model(tensor)):
-            var.set_value(jnp.asarray(value, dtype=var[...].dtype))
+        for (path, row), value in zip(places, m.to_model(tensor)):
+            var = params[path]
+            if row is None:
+                var.set_value(jnp.asarray(value, dtype=var[...].dtype))
+            else:
+                if path not in rows:
+                    rows[path] = np.array(var[...])
+                rows[path][row] = value.astype(rows[path].dtype)
         loaded.append(m.name)
+    for path, stacked in rows.items():
+        params[path].set_value(jnp.asarray(stacked))
     if missing and warn_missing:
         log.warning("%s: %d parameter(s) not in the checkpoint keep their initial values: %s", source, len(missing),
                     ", ".join(missing))
@@ -276,6 +288,7 @@ def state_dict(model: nnx.Module, state: Any = None, *, names: Collection[str] |
         flat = {p: v[...] for p, v in _flat_params(model).items()}
     else:
         flat = {tuple(p): (v[...] if isinstance(v, nnx.Variable) else v) for p, v in nnx.to_flat_state(state)}
+    flat = unstacked(flat, stack_depths(model))
     out = {}
     for m in _maps(model):
         if names is not None and m.name not in names:
@@ -327,9 +340,10 @@ def load_pretrained(path: str | os.PathLike, architecture: str | None = None, *,
 
 
 def parameter_paths(model: nnx.Module, names: Sequence[str]) -> set[tuple[str | int, ...]]:
-    """The model's parameter paths (as in ``nnx.to_flat_state``) behind the Hugging Face tensor ``names``."""
-    wanted = set(names)
-    return {path for m in _maps(model) if m.name in wanted for path in m.paths}
+    """The model's parameter paths (as in ``nnx.to_flat_state``) behind the Hugging Face tensor
+    ``names`` (a stacked layer's variable stands for all of its rows)."""
+    wanted, depths = set(names), stack_depths(model)
+    return {locate(path, depths)[0] for m in _maps(model) if m.name in wanted for path in m.paths}
 
 
 _BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer.", "llama": "model.", "bart": "model.", "marian": "model."}

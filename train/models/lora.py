@@ -46,6 +46,7 @@ from flax import nnx
 from jax import Array
 
 from train.models.matmul import matmul
+from train.models.stack import locate, looped, stack_depths
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -112,9 +113,10 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 def modules_of_paths(model: nnx.Module, paths: set[tuple[Any, ...]]) -> list[str]:
     """The Hugging Face module names whose every tensor lies at one of ``paths`` (e.g. new heads)."""
     modules: dict[str, bool] = {}
+    depths = stack_depths(model)
     for m in model.tensor_maps():
         module = m.name.rsplit(".", 1)[0]
-        inside = all(tuple(p) in paths for p in m.paths)
+        inside = all(locate(p, depths)[0] in paths for p in m.paths)
         modules[module] = modules.get(module, True) and inside
     return sorted(name for name, inside in modules.items() if inside)
 
@@ -164,7 +166,13 @@ def add_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> list[str]
     """Puts a fresh adapter on every linear layer ``config.targets`` names; returns their names.
 
     Raises ``ValueError`` naming the targets that match no layer (with the layers there are).
+    In a model whose layers are stored stacked (``scan_layers=True``) the adapters are stacked too.
     """
+    with looped(model):
+        return _add_lora(model, config, rngs)
+
+
+def _add_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> list[str]:
     names = module_names(model)
     unmatched = [t for t in config.targets if not any(matches(n, t) for n in names)]
     if unmatched:
@@ -192,10 +200,10 @@ def trainable_paths_filter(paths: set[tuple[Any, ...]]) -> nnx.filterlib.Filter:
 
 def trainable_filter(model: nnx.Module, config: LoraConfig) -> nnx.filterlib.Filter:
     """The ``nnx`` filter of what a LoRA run trains: the adapters and ``modules_to_save``."""
-    names = module_names(model)
+    names, depths = module_names(model), stack_depths(model)
     saved_paths = []
     for target in config.modules_to_save:
-        found = [p for n, paths in names.items() if matches(n, target) for p in paths]
+        found = [locate(p, depths)[0] for n, paths in names.items() if matches(n, target) for p in paths]
         if not found:
             raise ValueError(f"modules_to_save entry {target!r} matches no layer of {type(model).__name__}")
         saved_paths.extend(found)
@@ -211,6 +219,11 @@ def trainable_filter(model: nnx.Module, config: LoraConfig) -> nnx.filterlib.Fil
 
 def adapter_tensors(model: nnx.Module, config: LoraConfig) -> dict[str, np.ndarray]:
     """The adapter (and ``modules_to_save``) as peft's PyTorch-named tensors."""
+    with looped(model):
+        return _adapter_tensors(model, config)
+
+
+def _adapter_tensors(model: nnx.Module, config: LoraConfig) -> dict[str, np.ndarray]:
     names = module_names(model)
     out = {}
     for name, paths in names.items():
@@ -281,14 +294,21 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, rngs: nnx.Rngs | No
     """
     from safetensors.numpy import load_file
 
-    from train.models.hf import load_weights
-
     config = read_adapter_config(path)
     file = Path(path) / ADAPTER_WEIGHTS
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file")
     tensors = {re.sub(r"\.default\.", ".", k): v for k, v in load_file(str(file)).items()}
-    adapted = add_lora(model, config, rngs or nnx.Rngs(0))
+    with looped(model):
+        _load_adapter_tensors(model, config, tensors, file, rngs or nnx.Rngs(0))
+    return config
+
+
+def _load_adapter_tensors(model: nnx.Module, config: LoraConfig, tensors: dict[str, np.ndarray], file: Path,
+                          rngs: nnx.Rngs) -> None:
+    from train.models.hf import load_weights
+
+    adapted = add_lora(model, config, rngs)
     names = module_names(model)
     used = set()
     for name in adapted:
@@ -313,11 +333,15 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, rngs: nnx.Rngs | No
         raise ValueError(f"{file}: tensors outside {PEFT_PREFIX!r}: {leftover[:5]}")
     if saved:
         load_weights(model, saved, strict=False, source=str(file), warn_missing=False)
-    return config
 
 
 def merge_lora(model: nnx.Module) -> int:
     """Folds every adapter into its kernel, ``W += (alpha / r) A B``, and removes it; returns the count."""
+    with looped(model):
+        return _merge_lora(model)
+
+
+def _merge_lora(model: nnx.Module) -> int:
     count = 0
     for _, layer in list(nnx.iter_modules(model)):
         adapter = getattr(layer, "lora", None)

@@ -66,9 +66,10 @@ class Runtime:
       param_dtype: storage dtype of the parameters (float32 by default).
       remat: rematerialise every layer in the backward pass (``nnx.remat``): ``"none"``,
         ``"full"`` (``True``) or ``"dots"`` (:data:`train.models.layers.REMAT_POLICIES`).
-      scan_layers: run the layers of a stack as one ``jax.lax.scan`` (traced and compiled
-        once, whatever the depth) instead of a Python loop; same values
-        (:func:`train.models.layers.scan_layers`). Decoding with a cache always loops.
+      scan_layers: store each stack of layers stacked, with a leading depth axis, and run it
+        as one ``jax.lax.scan`` (traced and compiled once, whatever the depth) instead of a
+        Python loop; same values, same Hugging Face names
+        (:class:`train.models.stack.LayerStack`). Decoding with a cache loops.
     """
 
     dtype: Literal["float32", "bfloat16"] | str = "float32"

@@ -12,6 +12,7 @@ Each parameter records its logical axes in its ``out_sharding`` metadata (set on
 ``norm``       scales and biases of norms
 ``positions``  rows of a learned position table, token-type rows
 ``labels``     classifier outputs
+``layers``     the leading axis of layers stored stacked (:mod:`train.models.stack`)
 ============== =========================================================================
 
 A rules table maps each logical name to a mesh axis (or several, or ``None`` =
@@ -53,7 +54,8 @@ MLP_AXIS = "mlp"
 NORM = "norm"
 POSITIONS = "positions"
 LABELS = "labels"
-LOGICAL_AXES: tuple[str, ...] = (VOCAB, EMBED, HEADS, KV_HEADS, MLP_AXIS, NORM, POSITIONS, LABELS)
+LAYERS = "layers"
+LOGICAL_AXES: tuple[str, ...] = (VOCAB, EMBED, HEADS, KV_HEADS, MLP_AXIS, NORM, POSITIONS, LABELS, LAYERS)
 
 Rules = Sequence[tuple[str, MeshAxes]]
 
