@@ -4,6 +4,7 @@ compiled one does, and anything a program depends on that differs is a miss."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ def _compiled(cache: ExecutableCache, key: tuple, *args) -> tuple[CompiledSteps,
     steps = CompiledSteps(jax.jit(_step), "step", cache)
     pending = steps.lower(key, *args)
     compile_all(pending)
+    cache.flush()  # as a run does at its end
     return steps, pending
 
 
@@ -92,3 +94,45 @@ def test_a_damaged_entry_is_compiled_again(tmp_path, caplog):
     assert entry.exists() and entry.stat().st_size > 100  # written again, whole
     np.testing.assert_allclose(np.asarray(steps(("n", 8), *args)[0]),
                                np.tanh(np.asarray(args[0]) @ np.asarray(args[1])).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_programs_are_written_in_the_background_while_the_run_goes_on(tmp_path, monkeypatch):
+    """store() returns while the program is still being serialized; flush() waits for it, and
+    a load in the same process finds it."""
+    from jax.experimental import serialize_executable
+
+    release, started = threading.Event(), threading.Event()
+    serialize = serialize_executable.serialize
+
+    def slow_serialize(executable):
+        started.set()
+        assert release.wait(timeout=60)
+        return serialize(executable)
+
+    monkeypatch.setattr(serialize_executable, "serialize", slow_serialize)
+    cache = ExecutableCache(tmp_path, ["run"])
+    args = _args()
+    steps = CompiledSteps(jax.jit(_step), "step", cache)
+    compile_all(steps.lower(("n", 8), *args))  # returns with the write still waiting
+    assert started.wait(timeout=60) and not list(tmp_path.glob("*.pkl"))
+    np.testing.assert_array_equal(np.asarray(steps(("n", 8), *args)[0]),  # the run goes on meanwhile
+                                  np.asarray(jax.jit(_step)(*args)[0]))
+    release.set()
+    cache.flush()
+    assert len(list(tmp_path.glob("*.pkl"))) == 1
+    assert CompiledSteps(jax.jit(_step), "step", cache).lower(("n", 8), *args) == []
+
+
+def test_a_failed_write_is_a_warning_and_leaves_no_file(tmp_path, monkeypatch, caplog):
+    import os
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    cache = ExecutableCache(tmp_path, ["run"])
+    with caplog.at_level(logging.WARNING, logger="train"):
+        steps, _ = _compiled(cache, ("n", 8), *_args())
+    assert "No space left on device" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+    assert steps(("n", 8), *_args())[0].shape == (4,)

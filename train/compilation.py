@@ -27,6 +27,7 @@ import platform
 import re
 import tempfile
 import threading
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
@@ -214,8 +215,10 @@ class ExecutableCache:
     (``run_parts``: its resolved config, its tasks' label state, the model's graph), the
     program's name and shape key, and the tree, shapes, dtypes and shardings of its arguments.
     Any difference is a miss, never a wrong program. An entry is a pickle of
-    ``jax.experimental.serialize_executable``'s payload, written atomically; one that cannot be
-    read is deleted and compiled again. Like JAX's own cache, it trusts the files in its folder.
+    ``jax.experimental.serialize_executable``'s payload, written atomically by a background
+    thread while training goes on (:meth:`flush` waits for the writes; :meth:`load` flushes
+    first); one that cannot be read is deleted and compiled again. Like JAX's own cache, it
+    trusts the files in its folder.
 
     Example:
       >>> import jax, jax.numpy as jnp, tempfile
@@ -237,6 +240,10 @@ class ExecutableCache:
             digest.update(_MEMORY_ADDRESS.sub("", part).encode())  # a function's repr names it by address
             digest.update(b"\0")
         self.run_digest = digest.hexdigest()
+        # one writer: serializing a program takes seconds that the first steps need not wait for
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="executable-cache")
+        self._writes: list[concurrent.futures.Future] = []
+        self.write_seconds = 0.0  # spent by the writer serializing and writing programs
 
     def path(self, name: str, key: tuple, args: Any) -> Path:
         entry = hashlib.sha256(f"{self.run_digest}\0{name}\0{key!r}\0{_signature(args)}".encode()).hexdigest()
@@ -244,6 +251,7 @@ class ExecutableCache:
 
     def load(self, path: Path) -> tuple[Any, float] | None:
         """The compiled program stored at ``path`` and its FLOPs, or None."""
+        self.flush()
         if not path.exists():
             return None
         try:
@@ -259,8 +267,26 @@ class ExecutableCache:
         return executable, flops
 
     def store(self, path: Path, executable: Any, flops: float) -> None:
+        """Queues ``executable`` to be written to ``path`` by the background writer."""
+        self._writes.append(self._writer.submit(self._write, path, executable, flops))
+
+    def flush(self) -> None:
+        """Waits until every queued program is on disk (or was skipped)."""
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
+
+    def _write(self, path: Path, executable: Any, flops: float) -> None:
         """Writes ``executable`` to ``path`` (a temporary file renamed into place); a backend
-        that cannot serialize its programs is skipped with a debug line."""
+        that cannot serialize its programs is skipped with a debug line, a failed write (a full
+        disk) with a warning: the run goes on, the next one compiles again."""
+        start = time.perf_counter()
+        try:
+            self._serialize_and_write(path, executable, flops)
+        finally:
+            self.write_seconds += time.perf_counter() - start
+
+    def _serialize_and_write(self, path: Path, executable: Any, flops: float) -> None:
         try:
             payload, in_tree, out_tree = serialize_executable.serialize(executable)
             device_ids = [d.id for d in executable._executable._unloaded_executable.device_list]
@@ -268,9 +294,16 @@ class ExecutableCache:
         except Exception as error:  # noqa: BLE001 - not every backend serializes its programs
             logger.debug("compiled program not kept in %s: %s", self.folder, error)
             return
-        with tempfile.NamedTemporaryFile(dir=self.folder, delete=False, suffix=".tmp") as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, path)
+        written = None
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.folder, delete=False, suffix=".tmp") as tmp:
+                written = tmp.name
+                tmp.write(data)
+            os.replace(written, path)
+        except OSError as error:
+            logger.warning("compiled program not kept in %s: %s", self.folder, error)
+            if written is not None:
+                Path(written).unlink(missing_ok=True)
 
 
 class CompiledSteps:

@@ -264,6 +264,9 @@ def run(config: TrainConfig) -> RunResult:
     if budget.paced:
         logger.info("%s", budget.describe_plan())
     stop_reason, stop_signal = _train(trainer, state, best, progress)
+    if programs is not None:  # the programs written in the background while training, for the next run
+        programs.flush()
+        timings.extra["compile_cache_write_seconds"] = programs.write_seconds
     return _finish(trainer, state, best, stop_reason, stop_signal)
 
 
