@@ -73,3 +73,34 @@ def test_resumed_run_continues_exactly(tmp_path, monkeypatch, layers):
     assert sorted(resumed) == list(range(1, 17))
     for step in range(8, 17):
         np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_a_run_resumes_with_the_layer_layout_it_was_started_with(tmp_path, monkeypatch, capsys):
+    """Without --scan-layers the layout follows the backend (stacked on an accelerator, looped
+    on a CPU) and is fixed when the run starts: a run started on a TPU resumes on a CPU with its
+    layers stacked, as its checkpoints hold them; a flag that contradicts them is refused."""
+    import yaml
+
+    import train.modeling
+
+    train_file, eval_file = _ner_data(tmp_path, 48, 0), _ner_data(tmp_path, 16, 1)
+    out = tmp_path / "run"
+    common = ["ner", "--train-file", train_file, "--eval-file", eval_file, "--model-size", "micro",
+              "--batch-size", "16", "--max-length", "32", "--vocab-size", "300", "--eval-every", "100",
+              "--log-every", "1", "--no-progress", "--output-dir", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(train.modeling, "_backend", lambda: "tpu")
+        m.setattr(train.loop, "PreemptionHandler", lambda: _StopAfter(2))
+        assert cli_main(common + ["--max-steps", "4"]) == 128 + signal.SIGTERM
+    assert yaml.safe_load((out / "config.yaml").read_text())["scan_layers"] is True
+
+    capsys.readouterr()
+    assert cli_main(common + ["--max-steps", "4", "--no-scan-layers"]) == 1
+    assert f"--no-scan-layers: the run in {out} was saved with its layers stacked" in capsys.readouterr().err
+    assert cli_main(common + ["--max-steps", "4"]) == 0  # on the CPU, from step 2's stacked checkpoint
+    assert sorted(_losses(out)) == [1, 2, 3, 4]
+    assert yaml.safe_load((out / "config.yaml").read_text())["scan_layers"] is True
+
+    fresh = tmp_path / "fresh"
+    assert cli_main([*common[:-1], str(fresh), "--max-steps", "1"]) == 0
+    assert yaml.safe_load((fresh / "config.yaml").read_text())["scan_layers"] is False

@@ -49,6 +49,7 @@ from train.modeling import (
     lora_config_for,
     save_final_model,
     save_lora_model,
+    with_layer_layout,
 )
 from train.models.lora import add_lora, trainable_paths_filter
 from train.optim import make_optimizer
@@ -235,6 +236,9 @@ def run(config: TrainConfig) -> RunResult:
     cache_folder = enable_compile_cache(config.compile_cache)
     compile_stats = CompileStats.start()
     out_dir, mesh, divisor = _start_processes(config)
+    config = with_layer_layout(config, out_dir)
+    logger.info("layers %s", "stored stacked and run by one scan (--scan-layers)" if config.scan_layers
+                else "looped (--no-scan-layers)")
     tasks, tokenizer, data, model_dir = _prepare_data(config, out_dir, divisor)
     budget = _make_budget(config, data, clock, started)
     model, arrays = _build_model(config, tasks, tokenizer, mesh, model_dir)

@@ -13,11 +13,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
+import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -169,14 +172,46 @@ def load_checkpoint_model(model_dir: Path, tasks: Sequence[Task], **runtime: Any
                            **task.label_overrides())
 
 
+def scans_layers(config: TrainConfig) -> bool:
+    """Whether the run's layers are stored stacked and scanned: ``--scan-layers`` /
+    ``--no-scan-layers`` where given, else on for accelerators (GPU, TPU), as MaxText and
+    levanter do, and off on CPUs, where the scanned step runs 15-17% slower
+    (docs/benchmarks.md)."""
+    if config.scan_layers is not None:
+        return config.scan_layers
+    return _backend() != "cpu"
+
+
+def _backend() -> str:
+    return jax.default_backend()
+
+
+def with_layer_layout(config: TrainConfig, out_dir: Path) -> TrainConfig:
+    """``config`` with ``scan_layers`` decided, so that ``config.yaml`` records it: as given,
+    else as the run being resumed in ``out_dir`` decided it (its checkpoints hold that
+    layout, on whatever device it resumes), else by :func:`scans_layers`. Refuses a flag
+    that contradicts the checkpoints it would resume from."""
+    saved = out_dir / "config.yaml"
+    previous = yaml.safe_load(saved.read_text()).get("scan_layers") if saved.exists() else None
+    has_checkpoints = (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir())
+    if config.scan_layers is None:
+        decided = previous if isinstance(previous, bool) and has_checkpoints else scans_layers(config)
+        return dataclasses.replace(config, scan_layers=decided)
+    if isinstance(previous, bool) and has_checkpoints and previous != config.scan_layers:
+        given, saved_as = ("--scan-layers", "looped") if config.scan_layers else ("--no-scan-layers", "stacked")
+        raise ValueError(f"{given}: the run in {out_dir} was saved with its layers {saved_as} ({saved}: scan_layers: "
+                         f"{str(previous).lower()}); resume it without the flag, or start it in another --output-dir")
+    return config
+
+
 def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh: Mesh,
                 model_dir: Path | None = None) -> tuple[nnx.Module, set[tuple[Any, ...]] | None]:
     """The model to train, and the paths of its parameters that a checkpoint did not provide
     (its new heads; None for a model trained from scratch): loaded from the checkpoint folder
     ``model_dir`` on the host, else created sharded on ``mesh`` at ``--model-size``."""
     vocab_size = len(tokenizer)
-    runtime = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat, scan_layers=config.scan_layers,
-                   seed=config.seed)
+    runtime = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
+                   scan_layers=scans_layers(config), seed=config.seed)
 
     def load() -> tuple[nnx.Module, set[tuple[Any, ...]]]:
         model, report = load_checkpoint_model(model_dir, tasks, **runtime)
@@ -187,7 +222,7 @@ def build_model(config: TrainConfig, tasks: Sequence[Task], tokenizer: Any, mesh
         if is_shared_trunk_run(tasks):
             cfg = _encoder_config(config, vocab_size)
             heads = {t.name: t.head() for t in tasks}
-            return BertMultiTask(cfg, heads, Runtime(config.dtype, config.param_dtype, config.remat, config.scan_layers),
+            return BertMultiTask(cfg, heads, Runtime(config.dtype, config.param_dtype, config.remat, runtime["scan_layers"]),
                                  rngs=nnx.Rngs(config.seed))
         task = tasks[0]
         if task.family == "decoder":
