@@ -91,11 +91,14 @@ def train_minilm(key: str, shared: Path, out: Path, flags: list[str]) -> TrainRu
                     json.loads((out / "summary.json").read_text()), float(np.median(windows)) if windows else None)
 
 
-def run_jax(key: str, shared: Path, runs: Path, *, minutes: float | None, epochs: float | None) -> dict[str, Any]:
+def run_jax(key: str, shared: Path, runs: Path, *, minutes: float | None, epochs: float | None,
+            seed: int = 0) -> dict[str, Any]:
+    """One ``jaxloss-train`` run on ``key`` for ``minutes`` of wall clock or ``epochs``."""
     spec = TASKS[key]
     stop = ["--max-minutes", f"{minutes:g}", "--epochs", "1000"] if minutes else ["--epochs", f"{epochs:g}"]
-    run = train_minilm(key, shared, runs / f"jax-{key}-{'budget' if minutes else 'epoch'}",
-                       ["--learning-rate", str(spec["learning_rate"]), *stop])
+    name = f"jax-{key}-{'budget' if minutes else 'epoch'}" + (f"-seed{seed}" if seed else "")
+    run = train_minilm(key, shared, runs / name, ["--learning-rate", str(spec["learning_rate"]), *stop,
+                                                   "--seed", str(seed)])
     timing = json.loads((run.out / "timing.json").read_text())
     metric = f"eval/{spec['task']}/{spec['metric']}"
     return {"framework": "jaxloss", "steps": run.summary["final_step"], "horizon": run.summary["horizon"],
@@ -106,11 +109,12 @@ def run_jax(key: str, shared: Path, runs: Path, *, minutes: float | None, epochs
             "compile_seconds": timing["compile_seconds"], "command": run.command}
 
 
-def run_torch(key: str, shared: Path, *, minutes: float | None, epochs: float | None) -> dict[str, Any]:
+def run_torch(key: str, shared: Path, *, minutes: float | None, epochs: float | None, seed: int = 0) -> dict[str, Any]:
+    """One run of the PyTorch loop on ``key`` for ``minutes`` of wall clock or ``epochs``."""
     spec = TASKS[key]
     args = [spec["task"], "--model", "minilm", "--train-file", str(shared / spec["train"]),
             "--eval-file", str(shared / spec["eval"]), "--learning-rate", str(spec["learning_rate"]),
-            "--batch-size", str(COMMON["batch_size"]), "--max-length", str(COMMON["max_length"])]
+            "--batch-size", str(COMMON["batch_size"]), "--max-length", str(COMMON["max_length"]), "--seed", str(seed)]
     args += ["--minutes", f"{minutes:g}"] if minutes else ["--epochs", f"{epochs:g}"]
     print("$ python -m benchmarks.torch_finetune " + shlex.join(args), file=sys.stderr, flush=True)
     launched = time.time()

@@ -1,10 +1,12 @@
-"""How much of a fine-tuning gap is seed noise: one epoch per seed, jaxloss-train and PyTorch.
+"""How much of a fine-tuning gap is seed noise: one run per seed, jaxloss-train and PyTorch.
 
 The packaged all-MiniLM-L6-v2 is fine-tuned for one epoch by ``jaxloss-train`` and by
 ``benchmarks/torch_finetune.py`` with the hyperparameters of ``bench_finetune`` (its ``TASKS``
 table: batch 32, max length 128, 6% warmup then linear decay), once per seed. The seed sets the
 new head's initial values, the dropout masks and the data order on both sides. A one-epoch run
-is defined in steps, so its metric does not depend on the machine's speed or load.
+is defined in steps, so its metric does not depend on the machine's speed or load. With
+``--minutes M`` each run has an equal wall-clock budget instead (``bench_finetune``'s
+``budget`` runs, once per seed); that metric depends on the machine.
 
 For each framework the table gives the mean dev metric over the seeds, its sample standard
 deviation, and the range; the last row is the difference of the means with its standard error
@@ -12,60 +14,33 @@ deviation, and the range; the last row is the difference of the means with its s
 from noise by these seeds.
 
     python -m benchmarks.bench_seeds --shared-data ../shared/data --tasks wnut17 --seeds 0,1,2,3,4
+    python -m benchmarks.bench_seeds --tasks wnut17 --seeds 0,1,2 --minutes 8 \
+        --out benchmarks/results/finetune_seeds_budget.json
 
-Results go to ``benchmarks/results/finetune_seeds.json``.
+Results go to ``benchmarks/results/finetune_seeds.json`` (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from benchmarks._harness import RESULTS_DIR, format_table, machine_info
-from benchmarks.bench_finetune import COMMON, TASKS
+from benchmarks.bench_finetune import TASKS, run_jax, run_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _common_args(key: str, shared: Path) -> list[str]:
-    spec = TASKS[key]
-    return ["--model", "minilm", "--train-file", str(shared / spec["train"]), "--eval-file", str(shared / spec["eval"]),
-            "--learning-rate", str(spec["learning_rate"]), "--batch-size", str(COMMON["batch_size"]),
-            "--max-length", str(COMMON["max_length"]), "--epochs", "1"]
-
-
-def jax_metric(key: str, shared: Path, runs: Path, seed: int) -> float:
-    """The dev metric of one epoch of ``jaxloss-train`` with ``--seed seed``."""
-    spec = TASKS[key]
-    out = runs / f"jax-{key}-seed{seed}"
-    shutil.rmtree(out, ignore_errors=True)
-    args = [spec["task"], *_common_args(key, shared), *spec["flags"], "--seed", str(seed), "--output-dir", str(out),
-            "--no-progress", "--log-every", "50"]
-    print("$ jaxloss-train " + shlex.join(args), file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True)
-    (runs / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"jaxloss-train failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    return float(summary["final"][f"eval/{spec['task']}/{spec['metric']}"])
-
-
-def torch_metric(key: str, shared: Path, seed: int) -> float:
-    """The dev metric of one epoch of the PyTorch loop with ``--seed seed``."""
-    args = [TASKS[key]["task"], *_common_args(key, shared), "--seed", str(seed)]
-    print("$ python -m benchmarks.torch_finetune " + shlex.join(args), file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_finetune", *args], cwd=ROOT, capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torch loop failed:\n{proc.stderr[-3000:]}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["metric"])
+def metrics(key: str, shared: Path, runs: Path, seed: int, minutes: float | None) -> dict[str, float]:
+    """The dev metric of each side's final evaluation, both run with ``--seed seed`` for one
+    epoch, or for ``minutes`` of wall clock (``bench_finetune``'s runs)."""
+    length = dict(minutes=minutes, epochs=None) if minutes else dict(minutes=None, epochs=1.0)
+    return {"jaxloss": float(run_jax(key, shared, runs, seed=seed, **length)["metric"]),
+            "torch": float(run_torch(key, shared, seed=seed, **length)["metric"])}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -105,17 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="wnut17")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "seeds"))
+    ap.add_argument("--minutes", type=float, help="an equal wall-clock budget per run instead of one epoch")
     ap.add_argument("--out", default=str(RESULTS_DIR / "finetune_seeds.json"))
     args = ap.parse_args(argv)
     shared, runs = Path(args.shared_data), Path(args.runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    results: dict[str, Any] = {"machine": machine_info(), "seeds": seeds, "tasks": {}}
+    results: dict[str, Any] = {"machine": machine_info(), "seeds": seeds, "minutes": args.minutes, "tasks": {}}
     for key in args.tasks.split(","):
         values: dict[str, list[float]] = {"jaxloss": [], "torch": []}
         for seed in seeds:
-            values["jaxloss"].append(jax_metric(key, shared, runs, seed))
-            values["torch"].append(torch_metric(key, shared, seed))
+            for name, value in metrics(key, shared, runs, seed, args.minutes).items():
+                values[name].append(value)
             print(f"  {key} seed {seed}: jaxloss {values['jaxloss'][-1]:.4f}, torch {values['torch'][-1]:.4f}",
                   file=sys.stderr, flush=True)
         stats = {name: spread(v) for name, v in values.items()}
