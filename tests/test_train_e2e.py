@@ -288,20 +288,28 @@ def test_fused_loss_equals_unfused(tmp_path, task):
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=2e-5)
 
 
-def test_fine_tune_a_hugging_face_checkpoint(tmp_path):
-    """--model: a PyTorch BERT checkpoint (masked-LM) is fine-tuned for NER; the result loads in transformers."""
+def _tiny_bert_checkpoint(folder: Path, train_file: str, layers: int) -> Path:
+    """A random PyTorch BERT masked-LM checkpoint (hidden 32, ``layers`` layers) with a WordPiece
+    tokenizer trained on the words of the CoNLL ``train_file``, saved in ``folder``."""
     import torch
-    from transformers import AutoModelForTokenClassification, BertConfig, BertForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM
 
     from train.data.tokenization import train_tokenizer
 
-    train_file = _ner_data(tmp_path, 160, 0)
-    checkpoint = tmp_path / "bert"
-    tokenizer = train_tokenizer([line.split("\t")[0] for line in Path(train_file).read_text().splitlines() if line],
-                                kind="wordpiece", vocab_size=200, save_dir=checkpoint)
+    words = [line.split("\t")[0] for line in Path(train_file).read_text().splitlines() if line]
+    tokenizer = train_tokenizer(words, kind="wordpiece", vocab_size=200, save_dir=folder)
     torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(checkpoint)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(folder)
+    return folder
+
+
+def test_fine_tune_a_hugging_face_checkpoint(tmp_path):
+    """--model: a PyTorch BERT checkpoint (masked-LM) is fine-tuned for NER; the result loads in transformers."""
+    from transformers import AutoModelForTokenClassification
+
+    train_file = _ner_data(tmp_path, 160, 0)
+    checkpoint = _tiny_bert_checkpoint(tmp_path / "bert", train_file, layers=1)
     records = _train(tmp_path, "ner", "--model", str(checkpoint), "--train-file", train_file,
                      "--eval-file", _ner_data(tmp_path, 32, 1), "--max-steps", "40")
     first, last = _first_last(records, "train/loss")
@@ -354,21 +362,13 @@ def test_sigterm_saves_and_exits_143_not_0(tmp_path):
 def test_scan_layers_trains_like_the_loop_sharded_and_saves_hugging_face_names(tmp_path):
     """--scan-layers on a 2 x 2 (fsdp x tensor) mesh: the stacked layers' steps give the loop's
     losses, the run's model/ loads in transformers, and predict reads it."""
-    import torch
-    from transformers import AutoModelForTokenClassification, BertConfig, BertForMaskedLM
-
-    from train.data.tokenization import train_tokenizer
+    from transformers import AutoModelForTokenClassification
 
     train_file, eval_file = _ner_data(tmp_path, 96, 0), _ner_data(tmp_path, 16, 1)
-    checkpoint = tmp_path / "bert"
-    tokenizer = train_tokenizer([line.split("\t")[0] for line in Path(train_file).read_text().splitlines() if line],
-                                kind="wordpiece", vocab_size=200, save_dir=checkpoint)
-    torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(checkpoint)
+    checkpoint = _tiny_bert_checkpoint(tmp_path / "bert", train_file, layers=3)
     losses = {}
     for scan in ("loop", "scan"):
-        flags = ["--scan-layers"] if scan == "scan" else []
+        flags = ["--scan-layers"] if scan == "scan" else ["--no-scan-layers"]
         records = _train(tmp_path / scan, "ner", "--model", str(checkpoint), "--train-file", train_file,
                          "--eval-file", eval_file, "--max-steps", "6", "--log-every", "1", "--mesh", "fsdp=2,tensor=2",
                          "--learning-rate", "1e-3", *flags)
