@@ -137,3 +137,17 @@ def test_reserve_and_minutes_left(minutes):
 def test_the_step_limit_names_the_flag_that_sets_it(max_steps, epochs, steps, limit):
     budget = Budget(max_steps=max_steps, epochs=epochs, steps_per_epoch=5, clock=FakeClock())
     assert (budget.total_steps, budget.step_limit) == (steps, limit)
+
+
+def test_a_log_line_gives_the_learning_rates_of_its_last_step_and_the_mean_loss():
+    """Both learning rates (pre-trained weights and new heads) are the last step's, as the schedule
+    gives them; the loss is the window's mean."""
+    from train.loop import _train_record
+
+    window = [{"train/loss": loss, "train/learning_rate": rate, "train/head_learning_rate": 2 * rate,
+               "train/seconds_per_step": 0.5, "train/flops_per_step": None}
+              for loss, rate in [(4.0, 1e-5), (2.0, 2e-5), (3.0, 3e-5)]]
+    record = _train_record(window, step=3, epoch=0.1, tokens=300)
+    assert record["train/learning_rate"] == 3e-5
+    assert record["train/head_learning_rate"] == 6e-5
+    assert record["train/loss"] == pytest.approx(3.0)

@@ -854,8 +854,8 @@ def _fetch(pending: Sequence[tuple[int, Any, float, float | None]]) -> list[dict
 
 def _train_record(window: Sequence[Mapping[str, float | None]], step: int, epoch: float, tokens: int,
                   peak: float | None = None) -> dict[str, float]:
-    """One ``metrics.jsonl`` line: the mean of each training metric over the steps of ``window``;
-    tokens per second (in all and per device), TFLOP/s per device and MFU (where the device's
+    """One ``metrics.jsonl`` line: the mean of each training metric over the steps of ``window``
+    (the learning rates: those of its last step); tokens per second (in all and per device), TFLOP/s per device and MFU (where the device's
     peak is known) over the steps' own time (batches built and steps run, evaluations and saves
     between them left out)."""
     record = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "train/flops_per_step"}
@@ -866,7 +866,9 @@ def _train_record(window: Sequence[Mapping[str, float | None]], step: int, epoch
     record.update(utilisation(flops, seconds, tokens, jax.device_count(), peak))
     if flops is not None:
         record["train/flops_per_step"] = flops / len(window)
-    record["train/learning_rate"] = window[-1]["train/learning_rate"]
+    for rate in ("train/learning_rate", "train/head_learning_rate"):  # the rates the last step ran at, not a mean
+        if rate in window[-1]:
+            record[rate] = window[-1][rate]
     return record
 
 
