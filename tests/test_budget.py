@@ -151,3 +151,53 @@ def test_a_log_line_gives_the_learning_rates_of_its_last_step_and_the_mean_loss(
     assert record["train/learning_rate"] == 3e-5
     assert record["train/head_learning_rate"] == 6e-5
     assert record["train/loss"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("log_every", [1, 10, 50])
+def test_the_pace_is_the_devices_time_when_the_host_runs_ahead(log_every):
+    """The host only dispatches most steps (0.01 s) and waits for the devices (0.5 s a step) at
+    each log line: the pace is 0.5 s, and the horizon fits the seconds left, at any log interval."""
+    clock = FakeClock()
+    budget = Budget(max_steps=None, epochs=1000, steps_per_epoch=10, max_minutes=2.0, clock=clock, start=clock.t)
+    in_flight = 0
+    for step in range(1, 201):
+        clock.t += 0.01
+        budget.record_step(0.01)
+        in_flight += 1
+        if step % log_every == 0:
+            waited = 0.5 * in_flight - 0.01 * in_flight
+            clock.t += waited
+            budget.record_sync(waited)
+            in_flight = 0
+    assert budget.pace() == pytest.approx(0.5)
+    assert abs(budget.horizon(200) - (200 + budget.seconds_left() / 0.5)) <= 1  # 20 s left: 40 steps more
+
+
+def test_before_the_host_waits_the_pace_is_the_mean_host_time():
+    budget = Budget(max_steps=100, epochs=None, steps_per_epoch=100)
+    for seconds in (0.2, 0.4, 0.2, 0.4, 0.3):
+        budget.record_step(seconds)
+    assert budget.pace() == pytest.approx(0.3)
+
+
+def test_a_window_s_seconds_hold_the_wait_for_the_devices(monkeypatch):
+    """The wait at a log line is added to the last step's seconds, so tokens/s and MFU count it."""
+    import jax.numpy as jnp
+
+    from train import loop
+
+    clock = FakeClock()
+
+    def slow_fetch(pending):
+        clock.t += 3.0  # the devices finishing the steps dispatched
+        return [{"train/loss": 1.0, "train/finite": 1.0, "train/seconds_per_step": seconds, "train/flops_per_step": None}
+                for _, _, seconds, _ in pending]
+
+    monkeypatch.setattr(loop, "_fetch", slow_fetch)
+    metrics = loop.StepMetrics()
+    for step in range(1, 5):
+        metrics.add(step, {"train/loss": jnp.float32(1.0)}, 0.25, None, tokens=10)
+    limit_hit, waited = metrics.fetch(clock)
+    assert (limit_hit, waited) == (False, 3.0)
+    assert sum(w["train/seconds_per_step"] for w in metrics.window) == pytest.approx(4 * 0.25 + 3.0)
+    assert metrics.fetch_rest(clock) == 0.0  # nothing left to wait for

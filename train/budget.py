@@ -102,12 +102,27 @@ class Budget:
         self.evals_done = 0
         self.planned_evals = DEFAULT_INTERMEDIATE_EVALS
         self._steps: collections.deque[float] = collections.deque(maxlen=PACE_WINDOW)
+        self._steps_run, self._step_seconds = 0, 0.0  # in all: steps recorded, their seconds and the waits
+        # (steps run, seconds) where the host had waited for the devices; (0, 0.0): before the first step
+        self._synced: collections.deque[tuple[int, float]] = collections.deque([(0, 0.0)], maxlen=PACE_WINDOW + 1)
         self._horizon = self.total_steps
 
     # ------------------------------------------------------------------ measurements
 
     def record_step(self, seconds: float) -> None:
+        """The host spent ``seconds`` on a step: building its batch, dispatching it, and waiting
+        for an earlier one where too many were queued on the devices."""
         self._steps.append(seconds)
+        self._steps_run += 1
+        self._step_seconds += seconds
+
+    def record_sync(self, waited: float) -> None:
+        """The host waited ``waited`` seconds for the devices to finish every step dispatched (to
+        fetch their metrics). From one such point to the next, the steps' host seconds and the
+        waits add up to the devices' time, whatever ran ahead of what in between."""
+        self._step_seconds += waited
+        if self._synced[-1][0] < self._steps_run:
+            self._synced.append((self._steps_run, self._step_seconds))
 
     def record_eval(self, seconds: float) -> None:
         """An intermediate evaluation took ``seconds`` (it also updates the estimate of one)."""
@@ -126,9 +141,28 @@ class Budget:
             self.planned_evals = max(0, min(DEFAULT_INTERMEDIATE_EVALS, affordable))
 
     def pace(self) -> float | None:
-        """Seconds per step: the mean of the last :data:`PACE_WINDOW` steps (None before 5)."""
+        """Seconds per step (None before 5 steps): between the last point where the host had
+        waited for the devices and the latest earlier one at least :data:`PACE_WINDOW` steps
+        before it (or the earliest kept), ``(seconds_b - seconds_a) / (steps_b - steps_a)``;
+        before the first such point, the mean host time of the last :data:`PACE_WINDOW` steps.
+
+        The host runs ahead of the devices, so one step's host time says little: after a wait
+        the next steps are only dispatched, and the wait holds the time of those before it.
+
+        >>> budget = Budget(max_steps=100, epochs=None, steps_per_epoch=100)
+        >>> for _ in range(10):
+        ...     budget.record_step(0.01)  # dispatched; the devices take 0.5 s a step
+        >>> budget.record_sync(4.9)
+        >>> round(budget.pace(), 3)
+        0.5
+        """
         if len(self._steps) < 5:
             return None
+        steps_b, seconds_b = self._synced[-1]
+        earlier = [(n, t) for n, t in list(self._synced)[:-1] if steps_b - n >= PACE_WINDOW]
+        steps_a, seconds_a = earlier[-1] if earlier else self._synced[0]
+        if steps_b > steps_a:
+            return (seconds_b - seconds_a) / (steps_b - steps_a)
         return sum(self._steps) / len(self._steps)
 
     # ------------------------------------------------------------------ the plan

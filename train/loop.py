@@ -555,8 +555,9 @@ class StepMetrics:
     The host never waits for a step's results inside the loop: metrics stay on the devices
     until a log line (one transfer for the window, :func:`_fetch`), and the host runs at most
     :data:`IN_FLIGHT` steps ahead of the devices (waiting for an older step to finish, which
-    transfers nothing), so its clock tracks the devices' for the budget (tests/test_host_sync.py
-    counts the transfers).
+    transfers nothing; tests/test_host_sync.py counts the transfers). The steps' host seconds
+    and the wait at each log line add up to the devices' time, which the budget's pace and the
+    throughput figures are measured from.
     """
 
     in_flight: collections.deque[Any] = dataclasses.field(default_factory=collections.deque)  # losses, on the devices
@@ -576,25 +577,34 @@ class StepMetrics:
         self.pending.append((step, metrics, seconds, flops))
         self.tokens += tokens
 
-    def fetch(self) -> bool:
-        """Brings the pending steps' metrics to the host in one transfer and warns of each
-        skipped step; returns whether :data:`NONFINITE_LIMIT` steps in a row were skipped."""
-        fetched = _fetch(self.pending)
-        self.window += fetched
+    def fetch(self, clock: Clock) -> tuple[bool, float]:
+        """Brings the pending steps' metrics to the host in one transfer (:meth:`fetch_rest`) and
+        warns of each skipped step; returns whether :data:`NONFINITE_LIMIT` steps in a row were
+        skipped, and the seconds the host waited for the devices."""
+        pending = self.pending
+        waited = self.fetch_rest(clock)
         limit_hit = False
-        for (at, _, _, _), values in zip(self.pending, fetched):
+        for (at, _, _, _), values in zip(pending, self.window[-len(pending):] if pending else []):
             self.nonfinite_run = 0 if values["train/finite"] else self.nonfinite_run + 1
             limit_hit |= self.nonfinite_run >= NONFINITE_LIMIT
             if self.nonfinite_run:
                 logger.warning("step %d: loss or gradient not finite; step skipped (%d in a row)", at, self.nonfinite_run)
-        self.pending = []
-        return limit_hit
+        return limit_hit, waited
 
-    def fetch_rest(self) -> None:
-        """Brings the metrics of the steps not fetched yet to the host (a loop left by a break)."""
-        if self.pending:
-            self.window += _fetch(self.pending)
-            self.pending = []
+    def fetch_rest(self, clock: Clock) -> float:
+        """Brings the metrics of the steps not fetched yet to the host; returns the seconds the
+        host waited for the devices to finish them, which are added to the last one's
+        ``train/seconds_per_step``: the host ran ahead, so a window's seconds add up to the
+        devices' time only with the wait at its end."""
+        if not self.pending:
+            return 0.0
+        start = clock.now()
+        fetched = _fetch(self.pending)
+        waited = clock.now() - start
+        fetched[-1]["train/seconds_per_step"] += waited
+        self.window += fetched
+        self.pending = []
+        return waited
 
     def take_record(self, step: int, epoch: float, peak: float | None, horizon: int) -> dict[str, Any]:
         """The window's ``metrics.jsonl`` line (:func:`_train_record`, with the horizon); the
@@ -616,7 +626,7 @@ def _train(trainer: Trainer, state: TrainState, best: Best, progress: Progress) 
             progress.step(state.step, budget.planned_horizon)
             stop_reason = _after_step(trainer, state, best, metrics, progress, preemption)
         stop_reason = stop_reason or budget.horizon_reason()
-    metrics.fetch_rest()
+    trainer.timings.add("train", metrics.fetch_rest(trainer.clock), count=False)
     progress.close()
     if metrics.window:  # the steps since the last log line (a run stopped by its budget or a signal)
         trainer.recorder.write(metrics.take_record(state.step, _epoch(trainer.data, state.positions), trainer.peak,
@@ -664,7 +674,9 @@ def _after_step(trainer: Trainer, state: TrainState, best: Best, metrics: StepMe
     ) if agree_now else (False, False, False)
     log_now = step % config.log_every == 0 or step == budget.planned_horizon
     if log_now or evaluate_now or signalled or out_of_time:
-        limit_hit = metrics.fetch()
+        limit_hit, waited = metrics.fetch(trainer.clock)
+        trainer.timings.add("train", waited, count=False)  # the devices finishing the steps dispatched
+        budget.record_sync(waited)
         progress.step(step, budget.planned_horizon, metrics.window[-1]["train/loss"])
         if limit_hit:
             return (f"{NONFINITE_LIMIT} steps in a row had a non-finite loss or gradient; "
