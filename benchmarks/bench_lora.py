@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lora-learning-rate", type=float, default=None,
-                    help="peak learning rate of the LoRA runs (default: jaxloss-train's LoRA default, 5e-4)")
+                    help="peak learning rate of the LoRA runs (default: jaxloss-train's LoRA default, train.config.LORA_LEARNING_RATE)")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "lora"))
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/lora.json)")
     args = ap.parse_args(argv)
