@@ -584,7 +584,7 @@ class StepMetrics:
         pending = self.pending
         waited = self.fetch_rest(clock)
         limit_hit = False
-        for (at, _, _, _), values in zip(pending, self.window[-len(pending):] if pending else []):
+        for (at, _, _, _), values in zip(pending, self.window[len(self.window) - len(pending):]):
             self.nonfinite_run = 0 if values["train/finite"] else self.nonfinite_run + 1
             limit_hit |= self.nonfinite_run >= NONFINITE_LIMIT
             if self.nonfinite_run:
@@ -867,9 +867,9 @@ def _fetch(pending: Sequence[tuple[int, Any, float, float | None]]) -> list[dict
 def _train_record(window: Sequence[Mapping[str, float | None]], step: int, epoch: float, tokens: int,
                   peak: float | None = None) -> dict[str, float]:
     """One ``metrics.jsonl`` line: the mean of each training metric over the steps of ``window``
-    (the learning rates: those of its last step); tokens per second (in all and per device), TFLOP/s per device and MFU (where the device's
-    peak is known) over the steps' own time (batches built and steps run, evaluations and saves
-    between them left out)."""
+    (the learning rates: those of its last step); tokens per second (in all and per device),
+    TFLOP/s per device and MFU (where the device's peak is known) over the steps' own time
+    (batches built and steps run, evaluations and saves between them left out)."""
     record = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "train/flops_per_step"}
     seconds = sum(w["train/seconds_per_step"] for w in window)
     step_flops = [w["train/flops_per_step"] for w in window]
