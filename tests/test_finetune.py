@@ -120,7 +120,8 @@ def test_second_run_takes_every_program_from_the_compile_cache(tmp_path):
     assert first["compile_executable_cache_hits"] == 0
     assert second["compile_executable_cache_hits"] >= 2  # the train step and the eval step, at least
     assert second["compile_cache_hits"] + second["compile_executable_cache_hits"] >= first["compile_cache_misses"]
-    assert second["compile_trace_seconds"] < first["compile_trace_seconds"]
+    # the loaded steps skipped JAX's compilation altogether: counted, not timed (a clock depends on the machine's load)
+    assert second["compile_programs"] + second["compile_executable_cache_hits"] <= first["compile_programs"]
 
 
 def test_a_program_loaded_from_jax_cache_is_not_written_to_the_executable_cache(tmp_path):
