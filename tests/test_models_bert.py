@@ -190,3 +190,30 @@ def test_multitask_pair_similarity_head():
     assert float(pair[0, 0]) < 0.999
     with pytest.raises(ValueError, match="num_labels=2"):
         BertMultiTask(_config().to_dict(), {"sts": ("pair_similarity", 2)}, rngs=nnx.Rngs(0))
+
+
+def test_gelu_erf_equals_the_float64_closed_form_and_torch_with_its_gradient():
+    """``gelu_erf`` (BERT's ``hidden_act="gelu"``) against x Phi(x) in float64 (``math.erf``)
+    and PyTorch's ``F.gelu``, values and gradients, over the range activations take."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from train.models.layers import ACTIVATIONS, gelu_erf
+
+    assert ACTIVATIONS["gelu"] is gelu_erf
+    x = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(0).normal(size=2000) * 3]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    erf = np.vectorize(math.erf)(x64 / math.sqrt(2))
+    value64 = 0.5 * x64 * (1 + erf)
+    grad64 = 0.5 * (1 + erf) + x64 * np.exp(-0.5 * x64**2) / math.sqrt(2 * math.pi)
+    value, grad = jax.vmap(jax.value_and_grad(gelu_erf))(jnp.asarray(x))
+    tx = torch.tensor(x, requires_grad=True)
+    torch_value = F.gelu(tx)
+    torch_value.sum().backward()
+    scale = np.maximum(np.abs(x64), 1.0)
+    assert np.all(np.abs(np.asarray(value) - value64) <= 4e-7 * scale)
+    assert np.all(np.abs(np.asarray(grad) - grad64) <= 1e-6)
+    assert np.all(np.abs(np.asarray(value) - torch_value.detach().numpy()) <= 3e-7 * scale)
+    np.testing.assert_allclose(np.asarray(grad), tx.grad.numpy(), rtol=0, atol=1e-6)
