@@ -21,6 +21,7 @@ import functools
 import itertools
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxloss
-from train import distributed, evaluation, sharding
+from train import distributed, evaluation, huge_pages, sharding
 from train.budget import Budget, Clock, learning_rates
 from train.checkpoint import CheckpointManager, PreemptionHandler, preflight
 from train.compilation import CompiledSteps, CompileStats, ExecutableCache, compile_all, enable_compile_cache
@@ -312,6 +313,9 @@ def _start_processes(config: TrainConfig) -> tuple[Path, Any, int]:
     mesh = sharding.make_mesh(config.mesh)
     logger.info("process %d of %d: %d of %d devices (%s); mesh %s", jax.process_index(), jax.process_count(),
                 jax.local_device_count(), jax.device_count(), jax.devices()[0].platform, dict(mesh.shape))
+    if huge_pages.active():
+        logger.info("host allocator: transparent huge pages (GLIBC_TUNABLES=%s; %s=0 turns them off)",
+                    os.environ["GLIBC_TUNABLES"], huge_pages.SWITCH)
     divisor = sharding.batch_divisor(mesh)
     if (config.batch_size // config.grad_accum) % divisor:
         raise ValueError(
