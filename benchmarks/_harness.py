@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -41,18 +42,19 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int = 5, war
     per round), so that a machine slowing down or speeding up mid-run moves every candidate
     alike and their ratios stay fair.
 
-    Each round starts one candidate later than the one before: a candidate can slow the one
-    after it (PyTorch's OpenMP threads keep spinning for a while after each call), and
-    rotating the order lets every candidate follow a different one in each round.
+    Each round takes the candidates in a new order (a seeded shuffle): a candidate can slow
+    the one after it (PyTorch's OpenMP threads keep spinning for a while after each call), so
+    each must follow different ones from round to round. (Rotating one order would not do:
+    it keeps every candidate behind the same one.)
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     names = list(fns)
     best = {name: float("inf") for name in fns}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = random.Random(0)
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             fn = fns[name]
             start = time.perf_counter()
             fn()
@@ -67,11 +69,24 @@ def machine_info() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
     }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and its vector extensions that matter here, from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(extensions)})"
 
 
 def run_worker(module: str, args: Sequence[str], *, env: Mapping[str, str | None] | None = None,

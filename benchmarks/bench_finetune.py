@@ -9,8 +9,9 @@ at 1.0, 6% warmup then linear decay, float32, the checkpoint's dropout):
 - ``budget``: an equal wall-clock budget (``--minutes``, 8 by default) per run;
 - ``contended``: the same while another process keeps one core busy;
 - ``epoch``: one epoch each;
-- ``floor``: one training step of each at a fixed batch shape, against its FLOPs (XLA's cost
-  analysis) and the time of its matrix products alone.
+- ``floor``: one training step of each at a fixed batch shape, float32 and bfloat16, against its
+  FLOPs (XLA's cost analysis), the time of its matrix products alone and the step's FLOPs at the
+  machine's fastest product rate, with glibc's default allocator and with huge pages.
 
 Each run reports the time from launch to its first step, its steady examples per second
 (median step), its evaluation time on the dev set and its dev metric (entity F1, accuracy):
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._harness import RESULTS_DIR, format_table, machine_info
+from benchmarks._harness import ALLOCATORS, RESULTS_DIR, format_table, machine_info, run_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,15 +150,32 @@ def part_runs(part: str, keys: list[str], shared: Path, runs: Path, minutes: flo
 
 
 def part_floor() -> list[dict[str, Any]]:
-    """One training step at a fixed shape, jaxloss-train's and PyTorch's, against FLOPs and products."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_finetune", "--floor-worker"], cwd=ROOT,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One training step at a fixed shape, jaxloss-train's and PyTorch's, at float32 and bfloat16,
+    against FLOPs, the products alone and the machine's fastest product, once per allocator
+    setting (each in a process of its own: glibc reads ``GLIBC_TUNABLES`` at start-up)."""
+    rows = []
+    for allocator in ALLOCATORS:
+        for row in run_worker("benchmarks.bench_finetune", ["--floor-worker"],
+                              env={"GLIBC_TUNABLES": None, **ALLOCATORS[allocator]}, label=f"{allocator} allocator"):
+            rows.append({"allocator": allocator, **row})
+    return rows
 
 
-def floor_worker(batch: int = 32, length: int = 48, repeats: int = 5) -> list[dict[str, Any]]:
+def floor_worker(batch: int = 32, length: int = 48, repeats: int = 9) -> list[dict[str, Any]]:
+    """The timings of :func:`part_floor` in this process, for float32 and bfloat16.
+
+    - the jaxloss step: ``jaxloss-train``'s model, loss, clipping and AdamW in one compiled
+      program (bfloat16: ``dtype="bfloat16"``, float32 parameters and moments);
+    - the PyTorch step: transformers' ``BertForTokenClassification``, ``clip_grad_norm_``,
+      ``torch.optim.AdamW`` (bfloat16: the forward under ``torch.autocast``);
+    - the products alone: every matrix product of the step, forward and both gradients, at
+      its shape, with operands already in the layout each product reads fastest (``a @ b``
+      row-major), in one compiled program;
+    - the machine's fastest product: 2048 x 2048 x 2048 in JAX and in PyTorch, the faster
+      taken; the step's FLOPs at that rate bound any step from below;
+    - the optimizer alone: clipping by the global norm and AdamW over the 22.7M float32
+      parameters (the same program for both dtypes: parameters and moments are float32).
+    """
     import jax
     import jax.numpy as jnp
     import torch
@@ -176,73 +194,99 @@ def floor_worker(batch: int = 32, length: int = 48, repeats: int = 5) -> list[di
     ids = rng.integers(1000, 30000, (batch, length)).astype(np.int32)
     tags = rng.integers(0, labels, (batch, length)).astype(np.int32)
     mask = np.ones((batch, length), np.int32)
-
-    model = load_pretrained(folder, "BertForTokenClassification", strict=False, num_labels=labels)
-    model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = make_optimizer(weight_decay=0.01, clip_norm=1.0)
-    opt_state = optimizer.init(params)
-
-    def step(params, opt_state, rest):
-        def loss(p):
-            m = nnx.merge(graphdef, p, rest, copy=True)
-            return jaxloss.cross_entropy(m(input_ids=ids, attention_mask=mask).logits, tags)
-        grads = jax.grad(loss)(params)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, new_state = optimizer.update(grads, opt_state, params)
-            return jax.tree.map(lambda p, u: p + 5e-5 * u, params, updates), new_state
-
-    compiled = jax.jit(step).lower(params, opt_state, rest).compile()
-    flops = float(compiled.cost_analysis().get("flops", float("nan")))
-
-    # the step's matrix products alone: each dense layer's forward product and its two gradients,
-    # and the attention products (forward and backward), at the same shapes
-    cfg = model.config
-    d, ff, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
-    tokens, hd = batch * length, d // heads
-    dense = [(tokens, d, d)] * 4 + [(tokens, d, ff), (tokens, ff, d)]
-    shapes = [s for s in dense for _ in range(cfg["num_hidden_layers"])] + [(tokens, d, labels)]
-
-    def products(xs, attention):
-        out = []
-        for x, w, g in xs:  # y = x w, dx = g w^T, dw = x^T g
-            out += [x @ w, g @ w.T, x.T @ g]
-        for q, k, v, p in attention:  # s = q k^T, y = p v; dq = ds k, dk = ds^T q, dp = dy v^T, dv = p^T dy
-            out += [jnp.einsum("bhtd,bhsd->bhts", q, k), jnp.einsum("bhts,bhsd->bhtd", p, v),
-                    jnp.einsum("bhts,bhsd->bhtd", p, k), jnp.einsum("bhts,bhtd->bhsd", p, q),
-                    jnp.einsum("bhtd,bhsd->bhts", q, v), jnp.einsum("bhts,bhtd->bhsd", p, q)]
-        return out
-
-    key = jax.random.key(1)
-    xs = [(jax.random.normal(key, (m, k)), jax.random.normal(key, (k, n)), jax.random.normal(key, (m, n)))
-          for m, k, n in shapes]
-    attention = [tuple(jax.random.normal(key, (batch, heads, length, hd if i < 3 else length)) for i in range(4))
-                 for _ in range(cfg["num_hidden_layers"])]
-    product_fn = jax.jit(products).lower(xs, attention).compile()
-    product_flops = float(product_fn.cost_analysis().get("flops", float("nan")))
-
-    torch.manual_seed(0)
-    reference = BertForTokenClassification.from_pretrained(folder, num_labels=labels).train()
-    torch_opt = torch.optim.AdamW(reference.parameters(), lr=5e-5, weight_decay=0.01)
     t_ids, t_mask, t_tags = (torch.tensor(a, dtype=torch.long) for a in (ids, mask, tags))
+    fns: dict[str, Any] = {}
+    flops: dict[str, float] = {}
 
-    def torch_step():
-        reference(input_ids=t_ids, attention_mask=t_mask, labels=t_tags).loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
-        torch_opt.step()
-        torch_opt.zero_grad(set_to_none=True)
+    def jax_step_fn(dtype: str) -> Any:
+        model = load_pretrained(folder, "BertForTokenClassification", strict=False, num_labels=labels, dtype=dtype)
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        optimizer = make_optimizer(weight_decay=0.01, clip_norm=1.0)
 
-    state = {"p": params, "o": opt_state}
+        def step(params, opt_state, rest):
+            def loss(p):
+                m = nnx.merge(graphdef, p, rest, copy=True)
+                return jaxloss.cross_entropy(m(input_ids=ids, attention_mask=mask).logits.astype(jnp.float32), tags)
+            grads = jax.grad(loss)(params)
+            with jax.numpy_dtype_promotion("standard"):
+                updates, new_state = optimizer.update(grads, opt_state, params)
+                return jax.tree.map(lambda p, u: p + 5e-5 * u, params, updates), new_state
 
-    def jax_step():
-        state["p"], state["o"] = compiled(state["p"], state["o"], rest)
-        jax.block_until_ready(state["p"])
+        state = {"p": params, "o": optimizer.init(params)}
+        if dtype == "float32":  # the optimizer alone (clipping and AdamW), on gradients as large as the parameters
+            def update(grads, opt_state, params):
+                with jax.numpy_dtype_promotion("standard"):
+                    updates, new_state = optimizer.update(grads, opt_state, params)
+                    return jax.tree.map(lambda p, u: p + 5e-5 * u, params, updates), new_state
+            opt_args = (jax.tree.map(lambda p: p * 1e-3, params), jax.tree.map(jnp.copy, state["o"]),
+                        jax.tree.map(jnp.copy, params))
+            opt_only = jax.jit(update).lower(*opt_args).compile()
+            fns["optimizer alone"] = lambda: jax.block_until_ready(opt_only(*opt_args))
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state["p"], state["o"], rest).compile()
+        flops[dtype] = float(compiled.cost_analysis().get("flops", float("nan")))
 
-    times = time_interleaved({"jax step": jax_step, "torch step": torch_step,
-                              "products": lambda: jax.block_until_ready(product_fn(xs, attention))}, repeats=repeats)
-    return [{"batch": batch, "length": length, "step_flops": flops, "product_flops": product_flops,
-             "jax_step_seconds": times["jax step"], "torch_step_seconds": times["torch step"],
-             "products_seconds": times["products"], "torch_threads": torch.get_num_threads()}]
+        def run() -> None:
+            state["p"], state["o"] = compiled(state["p"], state["o"], rest)
+            jax.block_until_ready(state["p"])
+        return run, model.config
+
+    def torch_step_fn(dtype: str) -> Any:
+        torch.manual_seed(0)
+        reference = BertForTokenClassification.from_pretrained(folder, num_labels=labels).train()
+        optimizer = torch.optim.AdamW(reference.parameters(), lr=5e-5, weight_decay=0.01)
+
+        def run() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                loss = reference(input_ids=t_ids, attention_mask=t_mask, labels=t_tags).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    def products_fn(cfg: dict[str, Any], dtype: Any) -> tuple[Any, float]:
+        # each dense layer: y = x w (m,k)(k,n), dx = g w^T (m,n)(n,k), dw = x^T g (k,m)(m,n);
+        # attention per layer: scores q k^T, y = p v and their gradients, as batched products
+        d, ff, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+        tokens, hd = batch * length, d // heads
+        dense = [(tokens, d, d)] * 4 + [(tokens, d, ff), (tokens, ff, d)]
+        shapes = [s for s in dense for _ in range(cfg["num_hidden_layers"])] + [(tokens, d, labels)]
+        pairs = [p for m, k, n in shapes for p in (((m, k), (k, n)), ((m, n), (n, k)), ((k, m), (m, n)))]
+        bh = (batch, heads)
+        scores, weighted = (bh + (length, hd), bh + (hd, length)), (bh + (length, length), bh + (length, hd))
+        attention = [scores] * 2 + [weighted] * 4  # forward: one of each; backward: dp, and dq, dk, dv
+        attention = attention * cfg["num_hidden_layers"]
+        key = jax.random.key(1)
+        operands = [(jax.random.normal(key, a, dtype), jax.random.normal(key, b, dtype)) for a, b in pairs + attention]
+
+        def products(operands):
+            return [jnp.matmul(a, b, preferred_element_type=jnp.float32) for a, b in operands]
+
+        compiled = jax.jit(products).lower(operands).compile()
+        return (lambda: jax.block_until_ready(compiled(operands))), float(compiled.cost_analysis().get("flops", 0.0))
+
+    product_flops: dict[str, float] = {}
+    for dtype, jdt, tdt in (("float32", jnp.float32, torch.float32), ("bfloat16", jnp.bfloat16, torch.bfloat16)):
+        fns[f"jax step {dtype}"], cfg = jax_step_fn(dtype)
+        fns[f"torch step {dtype}"] = torch_step_fn(dtype)
+        fns[f"products {dtype}"], product_flops[dtype] = products_fn(cfg, jdt)
+        a = jnp.ones((2048, 2048), jdt)
+        square = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32)).lower(a).compile()
+        fns[f"jax 2048 {dtype}"] = lambda square=square, a=a: jax.block_until_ready(square(a))
+        ta = torch.ones(2048, 2048, dtype=tdt)
+        fns[f"torch 2048 {dtype}"] = lambda ta=ta: ta @ ta
+    times = time_interleaved(fns, repeats=repeats)
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        peak = 2 * 2048**3 / min(times[f"jax 2048 {dtype}"], times[f"torch 2048 {dtype}"])
+        rows.append({"batch": batch, "length": length, "dtype": dtype, "step_flops": flops[dtype],
+                     "product_flops": product_flops[dtype], "jax_step_seconds": times[f"jax step {dtype}"],
+                     "torch_step_seconds": times[f"torch step {dtype}"], "products_seconds": times[f"products {dtype}"],
+                     "peak_product_flops_per_second": peak, "optimizer_seconds": times["optimizer alone"],
+                     "peak_product_by": "jax" if times[f"jax 2048 {dtype}"] <= times[f"torch 2048 {dtype}"] else "torch",
+                     "torch_threads": torch.get_num_threads()})
+    return rows
 
 
 def load_results() -> dict[str, Any]:
@@ -267,15 +311,20 @@ def print_tables(results: dict[str, Any]) -> None:
         print(format_table(["run", "data", "metric", "jaxloss", "torch", "steps jax", "steps torch",
                             "first step jax s", "torch s", "ex/s jax", "ex/s torch", "jax/torch", "eval jax s",
                             "eval torch s"], rows))
-    for f in results.get("floor", []):
+    floor = results.get("floor", [])
+    if floor:
         print(format_table(
-            ["batch x length", "GFLOP/step", "jax step s", "torch step s", "products s", "jax/products", "torch/jax",
-             "jax GFLOP/s"],
-            [[f"{f['batch']}x{f['length']}", f"{f['step_flops'] / 1e9:.0f}", f"{f['jax_step_seconds']:.3f}",
-              f"{f['torch_step_seconds']:.3f}", f"{f['products_seconds']:.3f}",
+            ["allocator", "dtype", "batch x length", "GFLOP/step", "jax step s", "torch step s", "products s",
+             "FLOPs at peak s", "AdamW alone s", "jax/products", "torch/products", "torch/jax", "2x torch needs s"],
+            [[f.get("allocator", "default"), f.get("dtype", "float32"), f"{f['batch']}x{f['length']}",
+              f"{f['step_flops'] / 1e9:.0f}", f"{f['jax_step_seconds']:.3f}", f"{f['torch_step_seconds']:.3f}",
+              f"{f['products_seconds']:.3f}",
+              f"{f['step_flops'] / f['peak_product_flops_per_second']:.3f}" if "peak_product_flops_per_second" in f else "",
+              f"{f['optimizer_seconds']:.3f}" if "optimizer_seconds" in f else "",
               f"{f['jax_step_seconds'] / f['products_seconds']:.2f}x",
-              f"{f['torch_step_seconds'] / f['jax_step_seconds']:.2f}x",
-              f"{f['step_flops'] / f['jax_step_seconds'] / 1e9:.0f}"]]))
+              f"{f['torch_step_seconds'] / f['products_seconds']:.2f}x",
+              f"{f['torch_step_seconds'] / f['jax_step_seconds']:.2f}x", f"{f['torch_step_seconds'] / 2:.3f}"]
+             for f in floor]))
 
 
 def main(argv: list[str] | None = None) -> int:
