@@ -141,7 +141,7 @@ def part_runs(part: str, keys: list[str], shared: Path, runs: Path, minutes: flo
             finally:
                 if hog is not None:
                     hog.kill()
-            result.update(part=part, data=key, minutes=minutes if part != "epoch" else None)
+            result.update(part=part, data=key, minutes=minutes if part != "epoch" else None, cpu=machine_info()["cpu"])
             print(f"  {part} {key} {framework}: {result['metric']:.4f} after {result['steps']} steps, "
                   f"{result['examples_per_second']:.1f} ex/s, first step at {result['time_to_first_step']:.0f} s",
                   file=sys.stderr, flush=True)
@@ -157,7 +157,7 @@ def part_floor() -> list[dict[str, Any]]:
     for allocator in ALLOCATORS:
         for row in run_worker("benchmarks.bench_finetune", ["--floor-worker"],
                               env={"GLIBC_TUNABLES": None, **ALLOCATORS[allocator]}, label=f"{allocator} allocator"):
-            rows.append({"allocator": allocator, **row})
+            rows.append({"allocator": allocator, **row, "cpu": machine_info()["cpu"]})
     return rows
 
 
@@ -302,13 +302,13 @@ def print_tables(results: dict[str, Any]) -> None:
             j, t = by.get((part, key, "jaxloss")), by.get((part, key, "torch"))
             if not (j and t):
                 continue
-            rows.append([part, key, TASKS[key]["metric"], f"{j['metric']:.4f}", f"{t['metric']:.4f}", j["steps"],
+            rows.append([part, key, j.get("cpu", "").split(" (")[0], TASKS[key]["metric"], f"{j['metric']:.4f}", f"{t['metric']:.4f}", j["steps"],
                          t["steps"], f"{j['time_to_first_step']:.0f}", f"{t['time_to_first_step']:.0f}",
                          f"{j['examples_per_second']:.1f}", f"{t['examples_per_second']:.1f}",
                          f"{j['examples_per_second'] / t['examples_per_second']:.2f}x",
                          f"{j['eval_seconds']:.1f}", f"{t['eval_seconds']:.1f}"])
     if rows:
-        print(format_table(["run", "data", "metric", "jaxloss", "torch", "steps jax", "steps torch",
+        print(format_table(["run", "data", "cpu", "metric", "jaxloss", "torch", "steps jax", "steps torch",
                             "first step jax s", "torch s", "ex/s jax", "ex/s torch", "jax/torch", "eval jax s",
                             "eval torch s"], rows))
     floor = results.get("floor", [])
