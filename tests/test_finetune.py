@@ -96,7 +96,7 @@ def _micro_run(task: str, train: str, dev: str, out: Path, cache: Path) -> dict:
     import subprocess
     import sys
 
-    from tests.test_huge_pages import _host_qualifies
+    from train import huge_pages
 
     args = [task, "--train-file", train, "--eval-file", dev, "--output-dir", str(out), "--model-size", "micro",
             "--batch-size", "16", "--max-length", "32", "--vocab-size", "300", "--max-steps", "3", "--no-progress",
@@ -104,7 +104,7 @@ def _micro_run(task: str, train: str, dev: str, out: Path, cache: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if "GLIBC_TUNABLES" not in os.environ and _host_qualifies():  # it restarted itself with huge pages
+    if huge_pages.restart_environment_here(os.environ) is not None:  # it restarted itself with huge pages
         assert "host allocator: transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in proc.stderr
     losses = [json.loads(line).get("train/loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {**json.loads((out / "timing.json").read_text()), "losses": losses}

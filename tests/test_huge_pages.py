@@ -58,8 +58,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def _host_qualifies() -> bool:
-    return sys.platform == "linux" and restart_environment(
-        {}, libc=huge_pages.libc_version(), thp_mode=huge_pages.thp_mode()) is not None
+    return huge_pages.restart_environment_here({}) is not None
 
 
 @pytest.mark.skipif(not _host_qualifies(), reason="needs Linux, glibc >= 2.35 and transparent huge pages in madvise mode")

@@ -74,13 +74,19 @@ def active(environ: Mapping[str, str] = os.environ) -> bool:
     return re.search(rf"(^|:){re.escape(TUNABLE)}=[12]($|:)", environ.get("GLIBC_TUNABLES", "")) is not None
 
 
-def restart_with_huge_pages() -> None:
-    """Replaces this process with the same command under :func:`restart_environment`, where it
-    returns one; otherwise returns. The command is replayed from ``sys.orig_argv``, so
-    ``jaxloss-train ...`` and ``python -m train ...`` restart as typed; the process id stays."""
+def restart_environment_here(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """:func:`restart_environment` for ``environ`` on this host: its C library and kernel mode;
+    ``None`` off Linux."""
     if sys.platform != "linux":
-        return
-    env = restart_environment(os.environ, libc=libc_version(), thp_mode=thp_mode())
+        return None
+    return restart_environment(environ, libc=libc_version(), thp_mode=thp_mode())
+
+
+def restart_with_huge_pages() -> None:
+    """Replaces this process with the same command under :func:`restart_environment_here`, where
+    it returns one; otherwise returns. The command is replayed from ``sys.orig_argv``, so
+    ``jaxloss-train ...`` and ``python -m train ...`` restart as typed; the process id stays."""
+    env = restart_environment_here(os.environ)
     if env is None:
         return
     sys.stdout.flush()
