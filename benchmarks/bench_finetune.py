@@ -198,38 +198,41 @@ def floor_worker(batch: int = 32, length: int = 48, repeats: int = 9) -> list[di
     fns: dict[str, Any] = {}
     flops: dict[str, float] = {}
 
-    def jax_step_fn(dtype: str) -> Any:
+    optimizer = make_optimizer(weight_decay=0.01, clip_norm=1.0)
+
+    def apply_update(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+        """Clipping and AdamW, and the update at learning rate 5e-5: the new parameters and state."""
+        with jax.numpy_dtype_promotion("standard"):
+            updates, new_state = optimizer.update(grads, opt_state, params)
+            return jax.tree.map(lambda p, u: p + 5e-5 * u, params, updates), new_state
+
+    def jax_step_fn(dtype: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """The step, the model's config, and the state the step advances (parameters donated)."""
         model = load_pretrained(folder, "BertForTokenClassification", strict=False, num_labels=labels, dtype=dtype)
         model.train()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        optimizer = make_optimizer(weight_decay=0.01, clip_norm=1.0)
 
         def step(params, opt_state, rest):
             def loss(p):
                 m = nnx.merge(graphdef, p, rest, copy=True)
                 return jaxloss.cross_entropy(m(input_ids=ids, attention_mask=mask).logits.astype(jnp.float32), tags)
-            grads = jax.grad(loss)(params)
-            with jax.numpy_dtype_promotion("standard"):
-                updates, new_state = optimizer.update(grads, opt_state, params)
-                return jax.tree.map(lambda p, u: p + 5e-5 * u, params, updates), new_state
+            return apply_update(jax.grad(loss)(params), opt_state, params)
 
         state = {"p": params, "o": optimizer.init(params)}
-        if dtype == "float32":  # the optimizer alone (clipping and AdamW), on gradients as large as the parameters
-            def update(grads, opt_state, params):
-                with jax.numpy_dtype_promotion("standard"):
-                    updates, new_state = optimizer.update(grads, opt_state, params)
-                    return jax.tree.map(lambda p, u: p + 5e-5 * u, params, updates), new_state
-            opt_args = (jax.tree.map(lambda p: p * 1e-3, params), jax.tree.map(jnp.copy, state["o"]),
-                        jax.tree.map(jnp.copy, params))
-            opt_only = jax.jit(update).lower(*opt_args).compile()
-            fns["optimizer alone"] = lambda: jax.block_until_ready(opt_only(*opt_args))
         compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state["p"], state["o"], rest).compile()
         flops[dtype] = float(compiled.cost_analysis().get("flops", float("nan")))
 
         def run() -> None:
             state["p"], state["o"] = compiled(state["p"], state["o"], rest)
             jax.block_until_ready(state["p"])
-        return run, model.config
+        return run, model.config, state
+
+    def optimizer_fn(params: Any, opt_state: Any) -> Any:
+        """Clipping and AdamW alone, on copies of ``params`` and ``opt_state`` and gradients as large."""
+        args = (jax.tree.map(lambda p: p * 1e-3, params), jax.tree.map(jnp.copy, opt_state),
+                jax.tree.map(jnp.copy, params))
+        compiled = jax.jit(apply_update).lower(*args).compile()
+        return lambda: jax.block_until_ready(compiled(*args))
 
     def torch_step_fn(dtype: str) -> Any:
         torch.manual_seed(0)
@@ -268,7 +271,9 @@ def floor_worker(batch: int = 32, length: int = 48, repeats: int = 9) -> list[di
 
     product_flops: dict[str, float] = {}
     for dtype, jdt, tdt in (("float32", jnp.float32, torch.float32), ("bfloat16", jnp.bfloat16, torch.bfloat16)):
-        fns[f"jax step {dtype}"], cfg = jax_step_fn(dtype)
+        fns[f"jax step {dtype}"], cfg, state = jax_step_fn(dtype)
+        if dtype == "float32":  # the same program for both dtypes: parameters and moments are float32
+            fns["optimizer alone"] = optimizer_fn(state["p"], state["o"])
         fns[f"torch step {dtype}"] = torch_step_fn(dtype)
         fns[f"products {dtype}"], product_flops[dtype] = products_fn(cfg, jdt)
         a = jnp.ones((2048, 2048), jdt)
